@@ -1,0 +1,1 @@
+"""Torch-free inference runtime: backends, tiling, raster I/O, vocabulary cache."""

@@ -1,0 +1,53 @@
+"""Bilinear resizing in numpy, equal to ``torch.nn.functional.interpolate(mode="bilinear")``.
+
+The runtime must not import torch, yet the paper protocol resizes views and logits with torch's
+bilinear rule (``align_corners=False``, no antialiasing). This module reproduces that rule: source
+coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0, neighbours ``floor`` and ``floor + 1``
+(clamped to the last pixel), weights computed in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour indices and weights of one axis: (i0, i1, w0, w1), each [out_size]."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    src = (dst + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.floor(src).astype(np.int64)
+    i0 = np.minimum(i0, in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1.0) - w1).astype(np.float32)
+    return i0, i1, w0, w1
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize the last two axes of ``x`` to ``size`` (height, width), torch-style bilinear.
+
+    Args:
+        x: float array ``[..., H, W]`` (float32 keeps the result float32).
+        size: output ``(height, width)``.
+
+    Returns:
+        Array ``[..., size[0], size[1]]`` of the dtype of ``x`` (float32 for integer input).
+
+    """
+    out_h, out_w = int(size[0]), int(size[1])
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"resize target must be positive, got {size}")
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    in_h, in_w = x.shape[-2], x.shape[-1]
+    if (in_h, in_w) == (out_h, out_w):
+        return x.copy()
+    dtype = x.dtype
+    hi0, hi1, hw0, hw1 = _axis_weights(in_h, out_h)
+    wi0, wi1, ww0, ww1 = _axis_weights(in_w, out_w)
+    # rows first, then columns; weights broadcast over the leading axes
+    rows = x[..., hi0, :] * hw0[:, None].astype(dtype) + x[..., hi1, :] * hw1[:, None].astype(dtype)  # [..., out_h, W]
+    out = rows[..., wi0] * ww0.astype(dtype) + rows[..., wi1] * ww1.astype(dtype)  # [..., out_h, out_w]
+    return out.astype(dtype, copy=False)
