@@ -52,11 +52,11 @@ def build_gsnet(cfg: GSNetCfg | None = None, checkpoint: str | Path | None = Non
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = GSNet(cfg)
-        model.digest = demo_digest(cfg, seed)  # type: ignore[assignment]
+        model.digest = demo_digest(cfg, seed)
     else:
         model = GSNet(cfg)
         load_checkpoint(model, checkpoint)
-        model.digest = file_digest(checkpoint)  # type: ignore[assignment]
+        model.digest = file_digest(checkpoint)
     return model.eval().requires_grad_(False)
 
 

@@ -95,9 +95,7 @@ class WindowAttention(nn.Module):
 class SwinBlock(nn.Module):
     """A Swin block with guidance concatenated to its attention inputs."""
 
-    def __init__(
-        self, dim: int, guidance_dim: int, num_heads: int, size: int, window: int, shift: int, mlp_ratio: float
-    ) -> None:
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, size: int, window: int, shift: int, mlp_ratio: float) -> None:
         """Build one block; ``shift > 0`` makes it a shifted-window block with its mask buffer."""
         super().__init__()
         if size <= window:
@@ -232,6 +230,9 @@ class ClassAttention(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), act_layer=nn.ReLU)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
+        # NOTE: True runs the reference's materialized padding (256 tokens through every op); only FLOP
+        # counting uses it, to count the architecture as the paper does. Same outputs up to rounding.
+        self.materialize_padding = False
 
     def _padding_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value ``[h, d]`` of the learned padding token (with its learned guidance)."""
@@ -265,6 +266,8 @@ class ClassAttention(nn.Module):
         q = self.q(yg).reshape(s, n, heads, -1).transpose(1, 2)  # [S, h, N, d]
         k = self.k(yg).reshape(s, n, heads, -1).transpose(1, 2)  # [S, h, N, d]
         v = self.v(y).reshape(s, n, heads, -1).transpose(1, 2)  # [S, h, N, d]
+        if self.materialize_padding:
+            return x + self._forward_padded(seq, guid, batch, (bn, c, h, w), (hp, wp))
         pad_k, pad_v = self._padding_kv(seq.dtype)
         # P = max(pad_len - N, 0) as a tensor op on the shape, so that an exported graph keeps N dynamic
         num_pad = torch.clamp(torch.ones((), dtype=seq.dtype, device=seq.device) * (self.pad_len - n), min=0.0)
@@ -275,6 +278,32 @@ class ClassAttention(nn.Module):
         if (hp, wp) != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
         return x + out
+
+    def _forward_padded(
+        self, seq: torch.Tensor, guid: torch.Tensor, batch: int, shape: tuple[int, int, int, int], pooled: tuple[int, int]
+    ) -> torch.Tensor:
+        """The reference's computation with the padding materialized (for FLOP counting)."""
+        bn, c, h, w = shape
+        hp, wp = pooled
+        s, n, _ = seq.shape
+        pad = max(self.pad_len - n, 0)
+        seq = torch.cat([seq, self.padding_tokens.expand(s, pad, c)], dim=1)  # [S, T, C]
+        guid = torch.cat([guid, self.padding_guidance.expand(s, pad, guid.shape[-1])], dim=1)  # [S, T, G]
+        t = seq.shape[1]
+        y = self.norm1(seq)
+        yg = torch.cat([y, guid], dim=-1)
+        heads = self.num_heads
+        q = F.elu(self.q(yg).reshape(s, t, heads, -1).transpose(1, 2)) + 1.0  # [S, h, T, d]
+        k = F.elu(self.k(yg).reshape(s, t, heads, -1).transpose(1, 2)) + 1.0
+        v = self.v(y).reshape(s, t, heads, -1).transpose(1, 2) / t
+        kv = torch.matmul(k.transpose(-2, -1), v)  # [S, h, d, d]
+        z = 1.0 / (torch.matmul(q, k.sum(dim=2)[..., None]) + self.eps)  # [S, h, T, 1]
+        seq = seq + (torch.matmul(q, kv) * z * t).transpose(1, 2).reshape(s, t, c)
+        seq = seq + self.mlp(self.norm2(seq))
+        out = seq[:, :n].reshape(batch, hp, wp, n, c).permute(0, 3, 4, 1, 2).reshape(bn, c, hp, wp)  # [B*N, C, h', w']
+        if (hp, wp) != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
+        return out
 
 
 class AggregatorLayer(nn.Module):

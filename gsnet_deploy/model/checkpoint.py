@@ -248,12 +248,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of the official GSNet model_final.pth")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive; the legacy format is a raw pickle (protocol 2+ starts with 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is not a PyTorch checkpoint (empty or another format)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        refused = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line or "GLOBAL" in line]
+        what = refused[0][:160] if refused else "objects a weights-only load refuses"
         raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and is refused for safety ({first[:120]}); "
+            f"checkpoint {path} holds objects other than tensors and is refused for safety ({what}); "
             "pass a plain state-dict checkpoint"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:

@@ -91,9 +91,7 @@ def _attention(block: ResidualAttentionBlock, x: torch.Tensor, attn_mask: torch.
     return attn.out_proj(out)
 
 
-def _block_forward(
-    block: ResidualAttentionBlock, x: torch.Tensor, attn_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def _block_forward(block: ResidualAttentionBlock, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One pre-norm residual attention block on ``x [B, L, D]``."""
     x = x + _attention(block, block.ln_1(x), attn_mask)
     return x + block.mlp(block.ln_2(x))
@@ -128,9 +126,7 @@ class ClipVisual(nn.Module):
         # NOTE: the parameter keeps the checkpoint's 14x14 grid; forward uses ``pos_embed_resized``,
         # a buffer recomputed whenever weights are loaded (never inside the exported graph).
         self.pos_embed = nn.Parameter(scale * torch.randn(cfg.pretrain_grid**2 + 1, width))
-        self.register_buffer(
-            "pos_embed_resized", resize_clip_pos_embed(self.pos_embed.detach(), cfg.grid), persistent=False
-        )
+        self.register_buffer("pos_embed_resized", resize_clip_pos_embed(self.pos_embed.detach(), cfg.grid), persistent=False)
         self.norm_pre = LayerNormFp32(width)
         self.blocks = nn.ModuleList(
             [

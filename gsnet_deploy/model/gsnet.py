@@ -79,12 +79,8 @@ def tiny_cfg(pooling: tuple[int, int] = (1, 1)) -> GSNetCfg:
         clip_text=ClipTextCfg(width=64, heads=2, layers=2),
         dino=DinoCfg(embed_dim=64, depth=4, num_heads=2, feature_layers=(1, 2, 3)),
         qgff=QgffCfg(hidden_dim=hidden),
-        aggregator=AggregatorCfg(
-            hidden_dim=hidden, num_heads=2, appearance_dim=hidden, text_dim=hidden, pooling=pooling
-        ),
-        ripd=RipdCfg(
-            in_dim=hidden, decoder_dims=(16, 16), guidance_dims=(32, 16), clip_proj_dims=(8, 4), dino_proj_dims=(8, 4)
-        ),
+        aggregator=AggregatorCfg(hidden_dim=hidden, num_heads=2, appearance_dim=hidden, text_dim=hidden, pooling=pooling),
+        ripd=RipdCfg(in_dim=hidden, decoder_dims=(16, 16), guidance_dims=(32, 16), clip_proj_dims=(8, 4), dino_proj_dims=(8, 4)),
         clip_guidance_dims=(32, 16),
         dino_guidance_dims=(32, 16),
     )
@@ -97,6 +93,7 @@ class GSNet(nn.Module):
         """Build every module from ``cfg`` (random init; see ``build_gsnet`` for weights)."""
         super().__init__()
         self.cfg = cfg
+        self.digest = "untrained"  # names the weights; set by build_gsnet (checkpoint hash or demo seed)
         cv, dn = cfg.clip_vision, cfg.dino
         self.clip_visual = ClipVisual(cv)
         self.clip_text = build_text_tower(cfg.clip_text)

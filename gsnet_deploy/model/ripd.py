@@ -52,12 +52,8 @@ class Ripd(nn.Module):
         """Build the guidance projections, up-convolutions, DoubleConvs and head."""
         super().__init__()
         d1, d2 = cfg.decoder_dims
-        self.clip_guidance = nn.ModuleList(
-            [_guidance_proj(g, p) for g, p in zip(cfg.guidance_dims, cfg.clip_proj_dims)]
-        )
-        self.dino_guidance = nn.ModuleList(
-            [_guidance_proj(g, p) for g, p in zip(cfg.guidance_dims, cfg.dino_proj_dims)]
-        )
+        self.clip_guidance = nn.ModuleList([_guidance_proj(g, p) for g, p in zip(cfg.guidance_dims, cfg.clip_proj_dims)])
+        self.dino_guidance = nn.ModuleList([_guidance_proj(g, p) for g, p in zip(cfg.guidance_dims, cfg.dino_proj_dims)])
         # NOTE: the up-convolution leaves room for the CLIP guidance: out = in - clip_proj (reference FusionUP)
         up1 = cfg.in_dim - cfg.clip_proj_dims[0]
         up2 = d1 - cfg.clip_proj_dims[1]
