@@ -1,0 +1,197 @@
+"""TensorRT plugin ``gsnet::fused_cost_volume``: the Triton cost-volume kernel, compiled ahead of time.
+
+Registered as a Quickly Deployable Plugin (``tensorrt.plugin``): ``register`` describes the
+outputs, ``autotune`` the dtypes, and ``aot_impl`` returns the PTX that ``triton.compile`` made
+from ``triton_cost_volume.cost_volume_kernel`` plus its launch parameters, so the engine
+carries the kernel and no Python runs at inference. AOT plugins need TensorRT 10.9 or newer
+(``plugin_supported``); the build falls back to the plain ops otherwise.
+
+Plugin I/O (matches the ONNX node written by ``export/plugin_rewrite.py``):
+inputs ``e_clip, e_dino [B, 512, H, W]``, ``text [N, 512]``, ``w_clip, w_dino [128, 1, 7, 7]``,
+``b_clip, b_dino [128]``, all float32 or all float16; outputs ``[B*N, 256, H, W]`` in that dtype
+and the kernel's fp32 scratch (an AOT plugin gets no workspace, so the scratch is an output that
+nothing reads). The kernel's arguments are ordered inputs, scalars (N, H, W), outputs, which
+is the order TensorRT passes them.
+
+NOTE: ``tensorrt-stubs`` 10.13 has no ``tensorrt.plugin`` module, so that import carries a
+narrow ``type: ignore`` and ``trtp`` is untyped here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gsnet_deploy.errors import EngineBuildError
+
+PLUGIN_NAMESPACE = "gsnet"
+PLUGIN_NAME = "fused_cost_volume"
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+MIN_AOT_VERSION = (10, 9)
+MAX_STATIC_SHARED = 48 * 1024  # the launch cannot raise the dynamic shared-memory limit
+_PTX_TYPES = {"fp16": "*fp16", "fp32": "*fp32"}
+
+
+def plugin_supported(trt_version: tuple[int, int]) -> bool:
+    """Whether a TensorRT of this (major, minor) version runs AOT Quickly Deployable Plugins."""
+    return tuple(trt_version[:2]) >= MIN_AOT_VERSION
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """PTX of ``cost_volume_kernel`` for one dtype, and what a launch needs."""
+
+    name: str
+    ptx: str
+    num_warps: int
+    shared_mem: int
+
+
+def strip_unused_entry_params(ptx: str, kernel_name: str) -> str:
+    """Drop trailing entry parameters the kernel body never reads.
+
+    Triton 3.x appends scratch pointers (global and profile scratch) to every kernel; TensorRT
+    passes exactly inputs, scalars and outputs, so unused trailing parameters must go.
+
+    Args:
+        ptx: PTX text from ``triton.compile``.
+        kernel_name: the ``.entry`` name.
+
+    Returns:
+        The PTX with the unused trailing ``.param`` lines removed.
+
+    Raises:
+        EngineBuildError: the entry is missing or a trailing scratch parameter is used.
+    """
+    head = re.search(rf"\.entry\s+{re.escape(kernel_name)}\s*\(", ptx)
+    if head is None:
+        raise EngineBuildError(f"PTX has no entry {kernel_name!r}; rebuild the plugin kernel with Triton.")
+    close = ptx.index(")", head.end())
+    params = [p.strip() for p in ptx[head.end() : close].split(",") if p.strip()]
+    body = ptx[close:]
+    keep = len(params)
+    while keep > 0:
+        name = params[keep - 1].split()[-1]
+        if re.search(rf"\[{re.escape(name)}\]", body):
+            break
+        keep -= 1
+    new_params = ",\n\t".join(params[:keep])
+    return ptx[: head.end()] + "\n\t" + new_params + "\n" + ptx[close:]
+
+
+def compile_kernel(dtype_name: str, arch: int = 90) -> CompiledKernel:
+    """Compile ``cost_volume_kernel`` to PTX with Triton (no GPU needed).
+
+    Args:
+        dtype_name: ``"fp16"`` or ``"fp32"``, the dtype of every input and of the output.
+        arch: CUDA compute capability as an int (90 for H100, 87 for Jetson Orin).
+
+    Returns:
+        The kernel name, PTX with 12 entry parameters, warps and shared memory.
+
+    Raises:
+        EngineBuildError: unknown dtype, or the kernel needs more than 48 KB shared memory.
+    """
+    if dtype_name not in _PTX_TYPES:
+        raise EngineBuildError(f"cost-volume plugin dtype {dtype_name!r} is not supported; use fp16 or fp32.")
+    import torch
+    import triton  # type: ignore[import-untyped]
+    from triton.backends.compiler import GPUTarget  # type: ignore[import-untyped]
+
+    from gsnet_deploy.kernels import triton_cost_volume as tcv
+
+    ptr = _PTX_TYPES[dtype_name]
+    signature: dict[str, str] = dict.fromkeys(tcv.cost_volume_kernel.arg_names, "constexpr")
+    for name in ("e_clip_ptr", "e_dino_ptr", "text_ptr", "w_clip_ptr", "b_clip_ptr", "w_dino_ptr", "b_dino_ptr", "out_ptr"):
+        signature[name] = ptr
+    signature.update({"N": "i32", "H": "i32", "W": "i32", "scratch_ptr": "*fp32"})
+    dtype = torch.float16 if dtype_name == "fp16" else torch.float32
+    source = triton.compiler.ASTSource(fn=tcv.cost_volume_kernel, signature=signature, constexprs=tcv.kernel_constexprs(dtype))
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": tcv.NUM_WARPS, "num_stages": tcv.NUM_STAGES},
+    )
+    meta = compiled.metadata
+    if meta.shared > MAX_STATIC_SHARED:
+        raise EngineBuildError(
+            f"cost-volume kernel ({dtype_name}, sm_{arch}) needs {meta.shared} bytes of shared memory, over "
+            f"{MAX_STATIC_SHARED}; build without the plugin."
+        )
+    ptx = strip_unused_entry_params(compiled.asm["ptx"], meta.name)
+    return CompiledKernel(name=meta.name, ptx=ptx, num_warps=meta.num_warps, shared_mem=meta.shared)
+
+
+def register_plugin(arch: int = 90) -> None:
+    """Register ``gsnet::fused_cost_volume`` with TensorRT's plugin registry (call once per process).
+
+    Args:
+        arch: compute capability the AOT kernel is compiled for.
+
+    Raises:
+        EngineBuildError: TensorRT is missing or older than 10.9.
+    """
+    # NOTE: tensorrt-stubs 10.13 installs tensorrt/__init__.pyi without py.typed, so mypy does not
+    # read it (import-untyped); the module is used untyped here.
+    import tensorrt as trt  # type: ignore[import-untyped]
+
+    if not hasattr(trt, "Builder"):
+        raise EngineBuildError("TensorRT is not installed (only its stubs are); install tensorrt>=10.9 for the plugin.")
+    version = tuple(int(v) for v in trt.__version__.split(".")[:2])
+    if not plugin_supported((version[0], version[1])):
+        raise EngineBuildError(f"TensorRT {trt.__version__} has no AOT plugins; use 10.9 or newer, or build without the plugin.")
+    import tensorrt.plugin as trtp  # type: ignore[import-untyped,import-not-found]  # not in the stubs
+
+    from gsnet_deploy.kernels import triton_cost_volume as tcv
+
+    @trtp.register(PLUGIN_ID)
+    def _describe(e_clip: Any, e_dino: Any, text: Any, w_clip: Any, b_clip: Any, w_dino: Any, b_dino: Any) -> tuple[Any, Any]:
+        b, h, w = e_clip.shape_expr[0], e_clip.shape_expr[2], e_clip.shape_expr[3]
+        n = text.shape_expr[0]
+        out = e_clip.like()
+        out_shape = trtp.ShapeExprs(4)
+        out_shape[0] = b * n
+        out_shape[1] = 2 * tcv.CONV_CHANNELS
+        out_shape[2] = h
+        out_shape[3] = w
+        out.shape_expr = out_shape
+        scratch = e_clip.like()
+        scratch.dtype = trt.float32
+        scratch_shape = trtp.ShapeExprs(1)
+        programs = trtp.cdiv(h, tcv.ROWS) * trtp.cdiv(n, tcv.CLASS_BLOCK) * (2 * b)
+        scratch_shape[0] = programs * tcv.CLASS_BLOCK * (tcv.ROWS + 2 * tcv.HALO) * (w + 2 * tcv.HALO)
+        scratch.shape_expr = scratch_shape
+        return out, scratch
+
+    @trtp.autotune(PLUGIN_ID)
+    def _tune(e_clip: Any, e_dino: Any, text: Any, w_clip: Any, b_clip: Any, w_dino: Any, b_dino: Any, outputs: Any) -> list[Any]:
+        same = ", ".join(["FP32|FP16"] * 8)  # seven inputs and the output share one dtype
+        return [trtp.AutoTuneCombination(f"{same}, FP32", "LINEAR")]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(
+        e_clip: Any,
+        e_dino: Any,
+        text: Any,
+        w_clip: Any,
+        b_clip: Any,
+        w_dino: Any,
+        b_dino: Any,
+        outputs: Any,
+        tactic: int,
+    ) -> tuple[str, str, Any, Any]:
+        kernel = compile_kernel("fp16" if e_clip.dtype == trt.float16 else "fp32", arch)
+        b, h, w = e_clip.shape_expr[0], e_clip.shape_expr[2], e_clip.shape_expr[3]
+        n = text.shape_expr[0]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(h, tcv.ROWS)
+        launch.grid_y = trtp.cdiv(n, tcv.CLASS_BLOCK)
+        launch.grid_z = 2 * b
+        launch.block_x = kernel.num_warps * 32
+        launch.shared_mem = kernel.shared_mem
+        scalars = trtp.SymIntExprs(3)  # N, H, W: between the input and the output pointers
+        scalars[0] = trtp.SymInt32(n)
+        scalars[1] = trtp.SymInt32(h)
+        scalars[2] = trtp.SymInt32(w)
+        return kernel.name, kernel.ptx, launch, scalars
