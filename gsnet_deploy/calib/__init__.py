@@ -1,0 +1,1 @@
+"""Calibration data and INT8 quantization (explicit Q/DQ) of the image graph."""

@@ -1,0 +1,1 @@
+"""ONNX export, graph checks and TensorRT engine builds (torch only where export needs it)."""

@@ -1,0 +1,289 @@
+"""TensorRT build loaders, in the style of Polygraphy's ``backend/trt/loader.py`` (NVIDIA, Apache-2.0).
+
+A loader is a CapWords noun: ``__init__`` only records its arguments (values, or callables that
+return them) and ``__call__`` does the work, so a build reads as one lazy expression::
+
+    SaveEngine(
+        EngineFromNetwork(
+            NetworkFromOnnx(path, strongly_typed=True),
+            BuildConfig(plan, profiles=[profile], timing_cache=out / "timing.cache"),
+        ),
+        out / "image_graph.engine",
+    )()
+
+TensorRT is imported inside ``__call__``; the TensorRT version picks the build path once, in
+``export.build.select_build_path``, and the loaders only carry it out. We call the TensorRT Python
+API directly (no trtexec, no subprocess) rather than Polygraphy's ``CreateConfig``, whose precision
+arguments map onto builder flags that TensorRT 11 removed, and so that mypy checks every TensorRT call
+against ``tensorrt-stubs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
+
+from gsnet_deploy.errors import EngineBuildError
+from gsnet_deploy.export.manifest import Profile, parse_version, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+T = TypeVar("T")
+ValueOrCallable: TypeAlias = T | Callable[[], T]
+
+GIB = 1 << 30
+
+
+def _resolve(value: ValueOrCallable[T]) -> T:
+    """Call ``value`` if it is a loader (callable), else return it."""
+    return value() if callable(value) else value
+
+
+def import_tensorrt() -> ModuleType:
+    """Import the real TensorRT Python package.
+
+    Raises:
+        EngineBuildError: TensorRT is not installed (``tensorrt-stubs`` alone is an empty namespace
+            package without ``Builder``).
+
+    """
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise EngineBuildError(
+            f"TensorRT is not installed ({err}); install TensorRT >= 10 on this host."
+        ) from err
+    if not hasattr(tensorrt, "Builder"):
+        raise EngineBuildError(
+            "TensorRT is not installed (only type stubs were found); install TensorRT >= 10 on this host."
+        )
+    return tensorrt
+
+
+def installed_tensorrt_version() -> tuple[int, ...] | None:
+    """Version of the real TensorRT here, or None where it is absent (not importable or only stubs)."""
+    try:
+        trt_module = import_tensorrt()
+    except EngineBuildError:
+        return None
+    return parse_version(str(trt_module.__version__))
+
+
+@dataclass(frozen=True)
+class BuildFlags:
+    """Precision decisions for one network, made by ``export.build.select_build_path``.
+
+    Attributes:
+        strongly_typed: create the network with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
+            (TensorRT >= 10.12; ignored but accepted by 11.x, where strong typing is always on).
+        fp16: set ``BuilderFlag.FP16`` (weakly typed 10.x only).
+        int8: set ``BuilderFlag.INT8`` (weakly typed 10.x with a Q/DQ model only; no calibrator).
+
+    """
+
+    strongly_typed: bool
+    fp16: bool = False
+    int8: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strongly_typed and (self.fp16 or self.int8):
+            raise EngineBuildError(
+                "Precision builder flags cannot be combined with a strongly typed network; precision comes "
+                "from the ONNX types."
+            )
+
+
+@dataclass
+class ParsedNetwork:
+    """What ``NetworkFromOnnx`` returns: the builder, the network and the parser that owns its weights."""
+
+    builder: trt.Builder
+    network: trt.INetworkDefinition
+    parser: trt.OnnxParser
+    logger: trt.ILogger
+
+
+class NetworkFromOnnx:
+    """Parse an ONNX file into a TensorRT network (from the file, so external weights beside it load too)."""
+
+    def __init__(
+        self,
+        path: ValueOrCallable[Path],
+        *,
+        strongly_typed: bool,
+        plugin_hook: Callable[[], None] | None = None,
+    ) -> None:
+        """Record the arguments.
+
+        Args:
+            path: the ONNX model, or a loader returning it.
+            strongly_typed: whether to create a strongly typed network.
+            plugin_hook: called before parsing to register plugins (e.g. the cost-volume plugin).
+
+        """
+        self._path = path
+        self._strongly_typed = strongly_typed
+        self._plugin_hook = plugin_hook
+
+    def __call__(self) -> ParsedNetwork:
+        """Create builder, network and parser and parse the ONNX file.
+
+        Raises:
+            EngineBuildError: the parser rejected the model (its first errors are quoted).
+
+        """
+        import_tensorrt()
+        import tensorrt as trt
+
+        path = Path(_resolve(self._path))
+        if self._plugin_hook is not None:
+            self._plugin_hook()
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        flags = 0
+        if self._strongly_typed:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(path)):
+            errors = "; ".join(str(parser.get_error(i).desc()) for i in range(min(parser.num_errors, 3)))
+            raise EngineBuildError(
+                f"TensorRT could not parse {path} ({errors}); check the ONNX model and the TensorRT version."
+            )
+        return ParsedNetwork(builder=builder, network=network, parser=parser, logger=logger)
+
+
+class BuildConfig:
+    """Builder configuration: precision flags, profiles, workspace, timing cache, DLA and compatibility."""
+
+    def __init__(
+        self,
+        flags: BuildFlags,
+        *,
+        profiles: Sequence[Profile],
+        workspace_gib: float | None = None,
+        timing_cache: Path | None = None,
+        dla_core: int | None = None,
+        hardware_compatible: bool = False,
+        version_compatible: bool = False,
+    ) -> None:
+        """Record the arguments.
+
+        Args:
+            flags: precision decisions (``BuildFlags``).
+            profiles: optimization profiles, one entry each.
+            workspace_gib: workspace memory pool limit in GiB (None: TensorRT's default, the device memory).
+            timing_cache: timing cache file loaded if present (``EngineFromNetwork`` saves it back).
+            dla_core: DLA core to build for, with GPU fallback; None for GPU only. The caller has
+                checked it with ``export.build.resolve_dla``.
+            hardware_compatible: ``HardwareCompatibilityLevel.AMPERE_PLUS``.
+            version_compatible: ``BuilderFlag.VERSION_COMPATIBLE`` (the plan embeds a lean runtime).
+
+        """
+        if not profiles:
+            raise EngineBuildError("No optimization profile was given; pass at least one profile.")
+        self.flags = flags
+        self.profiles = tuple(profiles)
+        self.workspace_gib = workspace_gib
+        self.timing_cache = timing_cache
+        self.dla_core = dla_core
+        self.hardware_compatible = hardware_compatible
+        self.version_compatible = version_compatible
+
+    def __call__(self, parsed: ParsedNetwork) -> trt.IBuilderConfig:
+        """Create the ``IBuilderConfig`` for ``parsed``'s builder."""
+        import_tensorrt()
+        import tensorrt as trt
+
+        builder = parsed.builder
+        config = builder.create_builder_config()
+        if self.flags.fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        if self.flags.int8:
+            config.set_flag(trt.BuilderFlag.INT8)
+        if self.workspace_gib is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * GIB))
+        for profile in self.profiles:
+            opt_profile = builder.create_optimization_profile()
+            for name, shape in profile.shapes.items():
+                opt_profile.set_shape(
+                    name, trt.Dims(list(shape.min)), trt.Dims(list(shape.opt)), trt.Dims(list(shape.max))
+                )
+            config.add_optimization_profile(opt_profile)
+        cache_bytes = (
+            self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.is_file() else b""
+        )
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        if self.dla_core is not None:
+            config.default_device_type = trt.DeviceType.DLA
+            config.DLA_core = self.dla_core
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        if self.hardware_compatible:
+            config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+        if self.version_compatible:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        return config
+
+
+class EngineFromNetwork:
+    """Build a serialized engine (plan bytes) from a parsed network and a config; save the timing cache."""
+
+    def __init__(self, network: ValueOrCallable[ParsedNetwork], config: BuildConfig) -> None:
+        """Record the arguments.
+
+        Args:
+            network: a ``ParsedNetwork`` or a loader returning one (e.g. ``NetworkFromOnnx``).
+            config: the ``BuildConfig``; its ``timing_cache`` file is written back after the build.
+
+        """
+        self._network = network
+        self._config = config
+
+    def __call__(self) -> bytes:
+        """Build and return the serialized engine.
+
+        Raises:
+            EngineBuildError: TensorRT returned no engine (its log says why).
+
+        """
+        parsed = _resolve(self._network)
+        config = self._config(parsed)
+        plan = parsed.builder.build_serialized_network(parsed.network, config)
+        if plan is None:
+            raise EngineBuildError(
+                "TensorRT failed to build the engine (see the TensorRT log above); try a larger --workspace "
+                "or another precision."
+            )
+        if self._config.timing_cache is not None:
+            cache = config.get_timing_cache()
+            if cache is not None:
+                write_bytes_atomic(self._config.timing_cache, bytes(memoryview(cache.serialize())))
+        return bytes(memoryview(plan))
+
+
+class SaveEngine:
+    """Write serialized engine bytes to a file atomically and return the path."""
+
+    def __init__(self, engine: ValueOrCallable[bytes], path: Path) -> None:
+        """Record the arguments: engine bytes (or a loader returning them) and the destination path."""
+        self._engine = engine
+        self._path = Path(path)
+
+    def __call__(self) -> Path:
+        """Resolve the engine and write it."""
+        return write_bytes_atomic(self._path, _resolve(self._engine))
+
+
+def builder_dla_cores() -> tuple[bool, int]:
+    """Whether this TensorRT has a DLA device type, and how many DLA cores its builder reports."""
+    import_tensorrt()
+    import tensorrt as trt
+
+    has_dla = hasattr(trt.DeviceType, "DLA")
+    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    return has_dla, int(getattr(builder, "num_DLA_cores", 0)) if has_dla else 0

@@ -1,0 +1,410 @@
+"""TensorRT backend of the runtime (torch-free): two engines, cuda-python for memory and streams.
+
+Implements ``runtime.backend.Backend`` for the engines of ``gsnet export build``. Construction only
+reads the manifests; ``__enter__`` imports TensorRT and ``cuda.bindings.runtime`` (cuda-python),
+refuses engines that do not fit this host (TensorRT version, GPU name / compute capability, model
+digest), deserializes them and allocates device buffers and pinned host buffers for each engine's
+largest profile shapes once; ``__exit__`` frees everything. ``run`` copies host -> pinned -> device
+asynchronously, enqueues with ``execute_async_v3`` (optionally replaying a CUDA graph captured for
+the shapes it has seen), copies back and synchronizes once. Batches larger than the profile's
+maximum are split into chunks along the batch axis. Shape of the design: Polygraphy's ``TrtRunner``
+and NanoOWL's chunking engine wrapper.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from gsnet_deploy import io_names
+from gsnet_deploy.errors import BackendError, EngineBuildError
+from gsnet_deploy.export.manifest import (
+    EngineManifest,
+    Graph,
+    HostInfo,
+    check_engine_compatible,
+    check_same_model,
+    read_manifest,
+)
+
+
+def _cuda_runtime() -> Any:
+    """Import ``cuda.bindings.runtime`` (cuda-python >= 12.6 layout).
+
+    Raises:
+        BackendError: cuda-python is not installed.
+
+    """
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError as err:
+        raise BackendError(
+            f"cuda-python is not installed ({err}); `pip install cuda-python` for the TensorRT backend."
+        ) from err
+    return cudart
+
+
+def _check(result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` result; raise ``BackendError`` on a CUDA error."""
+    cudart = _cuda_runtime()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        _, message = cudart.cudaGetErrorString(err)
+        raise BackendError(
+            f"CUDA call {what} failed ({message.decode() if isinstance(message, bytes) else message}); "
+            "check the GPU and driver."
+        )
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def current_gpu(device: int = 0) -> tuple[str, tuple[int, int]]:
+    """Name and compute capability of CUDA device ``device``.
+
+    Raises:
+        BackendError: no CUDA device or driver.
+
+    """
+    cudart = _cuda_runtime()
+    props = _check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name.split(b"\0", 1)[0].decode() if isinstance(props.name, bytes) else str(props.name)
+    return name, (int(props.major), int(props.minor))
+
+
+def _import_tensorrt() -> ModuleType:
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise BackendError(
+            f"TensorRT is not installed ({err}); install TensorRT >= 10 or use --backend onnxruntime."
+        ) from err
+    if not hasattr(tensorrt, "Runtime"):
+        raise BackendError(
+            "TensorRT is not installed (only type stubs were found); install TensorRT >= 10 or use "
+            "--backend onnxruntime."
+        )
+    return tensorrt
+
+
+def chunk_slices(total: int, max_batch: int) -> list[slice]:
+    """Split ``total`` rows into consecutive slices of at most ``max_batch`` rows (pure)."""
+    if max_batch < 1:
+        raise BackendError(
+            f"Engine profile maximum batch is {max_batch}; rebuild the engine with a profile max of 1 or "
+            "more."
+        )
+    return [slice(start, min(start + max_batch, total)) for start in range(0, total, max_batch)]
+
+
+def check_feeds(feeds: Mapping[str, np.ndarray], manifest: EngineManifest, chunk_input: str) -> None:
+    """Refuse feeds the engine's profile cannot take (names, rank, static dims, non-chunk dims in range).
+
+    The ``chunk_input``'s first dim may exceed the profile maximum (``run`` splits it); every other
+    dim of every input must lie within the profile.
+
+    Raises:
+        BackendError: a name is missing or a shape does not fit.
+
+    """
+    profile = manifest.profiles[0]
+    missing = set(profile.shapes) - set(feeds)
+    if missing:
+        raise BackendError(
+            f"Inputs {sorted(missing)} missing for {manifest.engine_file}; pass {sorted(profile.shapes)}."
+        )
+    for name, shape_range in profile.shapes.items():
+        shape = tuple(np.shape(feeds[name]))
+        if len(shape) != len(shape_range.min):
+            raise BackendError(
+                f"Input {name!r} has shape {shape} but {manifest.engine_file} expects rank "
+                f"{len(shape_range.min)}."
+            )
+        for axis, (size, lo, hi) in enumerate(zip(shape, shape_range.min, shape_range.max)):
+            if name == chunk_input and axis == 0:
+                if size < 1:
+                    raise BackendError(f"Input {name!r} is empty; pass at least one row.")
+                continue
+            if not lo <= size <= hi:
+                raise BackendError(
+                    f"Input {name!r} dim {axis} is {size} but {manifest.engine_file} accepts {lo}..{hi}; "
+                    "rebuild the engine "
+                    "with a wider profile (e.g. --classes-opt) or pass fewer classes."
+                )
+
+
+@dataclass
+class _Buffer:
+    """One I/O tensor's device buffer and pinned host staging buffer, sized for the profile maximum."""
+
+    device_ptr: int
+    host_ptr: int
+    nbytes: int
+    dtype: np.dtype[Any]
+
+    def host_view(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The first ``prod(shape)`` elements of the pinned host buffer as an array of ``shape``."""
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = (ctypes.c_byte * (count * self.dtype.itemsize)).from_address(self.host_ptr)
+        return np.frombuffer(memoryview(raw).cast("B"), dtype=self.dtype, count=count).reshape(shape)
+
+
+@dataclass
+class _EngineRunner:
+    """Runs one engine: ``run(feeds) -> outputs`` with chunking over ``chunk_input``'s first axis."""
+
+    manifest: EngineManifest
+    engine: Any
+    context: Any
+    stream: Any
+    buffers: dict[str, _Buffer]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    chunk_input: str
+    cuda_graphs: bool
+    graphs: dict[tuple[tuple[int, ...], ...], Any] = field(default_factory=dict)
+
+    @property
+    def max_batch(self) -> int:
+        """Largest first-axis size of ``chunk_input`` in the engine's profile."""
+        return self.manifest.profiles[0].shapes[self.chunk_input].max[0]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on host arrays, return host arrays (chunked where the batch exceeds the profile)."""
+        check_feeds(feeds, self.manifest, self.chunk_input)
+        total = int(np.shape(feeds[self.chunk_input])[0])
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
+        for rows in chunk_slices(total, self.max_batch):
+            chunk = {
+                name: (np.asarray(v)[rows] if name == self.chunk_input else np.asarray(v))
+                for name, v in feeds.items()
+            }
+            for name, value in self._run_once(chunk).items():
+                parts[name].append(value)
+        return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+    def _run_once(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart = _cuda_runtime()
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in self.inputs:
+            buf = self.buffers[name]
+            value = np.ascontiguousarray(feeds[name], dtype=buf.dtype)
+            buf.host_view(value.shape)[...] = value
+            _check(
+                cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, value.nbytes, h2d, self.stream),
+                "cudaMemcpyAsync H2D",
+            )
+            if tuple(self.context.get_tensor_shape(name)) != value.shape:
+                self.context.set_input_shape(name, value.shape)
+        key = tuple(tuple(np.shape(feeds[name])) for name in self.inputs)
+        self._enqueue(key)
+        shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.outputs}
+        for name, shape in shapes.items():
+            buf = self.buffers[name]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * buf.dtype.itemsize
+            _check(
+                cudart.cudaMemcpyAsync(buf.host_ptr, buf.device_ptr, nbytes, d2h, self.stream),
+                "cudaMemcpyAsync D2H",
+            )
+        _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return {name: self.buffers[name].host_view(shape).copy() for name, shape in shapes.items()}
+
+    def _enqueue(self, key: tuple[tuple[int, ...], ...]) -> None:
+        """Enqueue the engine; with CUDA graphs, capture once per input-shape set and replay after."""
+        cudart = _cuda_runtime()
+        handle = int(self.stream)
+        if not self.cuda_graphs:
+            if not self.context.execute_async_v3(handle):
+                raise BackendError(
+                    f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log."
+                )
+            return
+        graph_exec = self.graphs.get(key)
+        if graph_exec is None:
+            # NOTE: TensorRT needs one ordinary enqueue after a shape change before capture.
+            if not self.context.execute_async_v3(handle):
+                raise BackendError(
+                    f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log."
+                )
+            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            _check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+            ok = self.context.execute_async_v3(handle)
+            graph = _check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+            if not ok:
+                raise BackendError(
+                    f"TensorRT could not be captured into a CUDA graph for {self.manifest.engine_file}; run "
+                    "without CUDA graphs."
+                )
+            graph_exec = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            _check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            self.graphs[key] = graph_exec
+            return  # the captured work was not run: the ordinary enqueue above produced this call's outputs
+        _check(cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        """Free CUDA graphs and buffers (the stream is the backend's)."""
+        cudart = _cuda_runtime()
+        for graph_exec in self.graphs.values():
+            cudart.cudaGraphExecDestroy(graph_exec)
+        self.graphs.clear()
+        for buf in self.buffers.values():
+            cudart.cudaFree(buf.device_ptr)
+            cudart.cudaFreeHost(buf.host_ptr)
+        self.buffers.clear()
+
+
+_NP_DTYPES = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "INT8": np.int8,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+
+class TensorRTBackend:
+    """The ``tensorrt`` backend: ``text_encoder.engine`` + ``image_graph.engine`` from one build folder.
+
+    Attributes:
+        name: ``"tensorrt"``.
+        model_digest: the engines' model digest (both manifests agree).
+        max_views: largest view batch of the image engine's profile (bigger batches are chunked).
+        preferred_views: the image profile's opt view batch.
+
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_dir: Path, *, device: int = 0, cuda_graphs: bool = False) -> None:
+        """Read and cross-check the manifests; nothing is loaded on the GPU yet.
+
+        Args:
+            engine_dir: folder with both engines and their ``.json`` manifests.
+            device: CUDA device index.
+            cuda_graphs: capture each engine's enqueue into a CUDA graph per input-shape set and replay it.
+
+        Raises:
+            EngineBuildError: a manifest is missing or malformed, or the engines come from different weights.
+
+        """
+        self.engine_dir = Path(engine_dir)
+        self.device = device
+        self.cuda_graphs = cuda_graphs
+        self.manifests = {graph: read_manifest(self.engine_dir / graph.engine_file) for graph in Graph}
+        check_same_model(self.manifests[Graph.TEXT], self.manifests[Graph.IMAGE])
+        self.model_digest = self.manifests[Graph.IMAGE].model_digest
+        views = self.manifests[Graph.IMAGE].profiles[0].shapes[io_names.IMAGES]
+        self.max_views: int | None = views.max[0]
+        self.preferred_views = views.opt[0]
+        self._runners: dict[Graph, _EngineRunner] = {}
+        self._stream: Any = None
+        self._trt_runtime: Any = None
+
+    @property
+    def text(self) -> _EngineRunner:
+        """Runner of the text engine (tokens -> text_embeds); only inside ``with``."""
+        return self._runner(Graph.TEXT)
+
+    @property
+    def image(self) -> _EngineRunner:
+        """Runner of the image engine (images + text_embeds -> logits); only inside ``with``."""
+        return self._runner(Graph.IMAGE)
+
+    def _runner(self, graph: Graph) -> _EngineRunner:
+        if graph not in self._runners:
+            raise BackendError(
+                "The TensorRT backend is not open; use it inside `with TensorRTBackend(...) as backend:`."
+            )
+        return self._runners[graph]
+
+    def host_info(self) -> HostInfo:
+        """TensorRT version and GPU of this host."""
+        trt = _import_tensorrt()
+        name, capability = current_gpu(self.device)
+        return HostInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=capability)
+
+    def __enter__(self) -> TensorRTBackend:
+        trt = _import_tensorrt()
+        cudart = _cuda_runtime()
+        host = self.host_info()
+        for manifest in self.manifests.values():
+            try:
+                check_engine_compatible(manifest, host)
+            except EngineBuildError as err:
+                raise BackendError(str(err)) from err
+        _check(cudart.cudaSetDevice(self.device), "cudaSetDevice")
+        self._stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        if any(m.version_compatible for m in self.manifests.values()):
+            # NOTE: version-compatible plans embed a lean runtime (host code); only trusted plans belong here.
+            self._trt_runtime.engine_host_code_allowed = True
+        try:
+            for graph, chunk_input in ((Graph.TEXT, io_names.TEXT_TOKENS), (Graph.IMAGE, io_names.IMAGES)):
+                self._runners[graph] = self._open(graph, chunk_input)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _open(self, graph: Graph, chunk_input: str) -> _EngineRunner:
+        trt = _import_tensorrt()
+        cudart = _cuda_runtime()
+        manifest = self.manifests[graph]
+        engine = self._trt_runtime.deserialize_cuda_engine(
+            (self.engine_dir / manifest.engine_file).read_bytes()
+        )
+        if engine is None:
+            raise BackendError(
+                f"TensorRT could not load {self.engine_dir / manifest.engine_file}; rebuild it with `gsnet "
+                "export build`."
+            )
+        context = engine.create_execution_context()
+        profile = manifest.profiles[0]
+        inputs: list[str] = []
+        outputs: list[str] = []
+        dtypes: dict[str, np.dtype[Any]] = {}
+        buffers: dict[str, _Buffer] = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (inputs if is_input else outputs).append(name)
+            dtype = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
+            if is_input:
+                context.set_input_shape(name, profile.shapes[name].max)
+            dtypes[name] = dtype  # sized once every input shape is at its maximum
+        for name, dtype in dtypes.items():
+            max_shape = tuple(context.get_tensor_shape(name))
+            nbytes = max(int(np.prod(max_shape, dtype=np.int64)) * dtype.itemsize, 1)
+            device_ptr = _check(cudart.cudaMalloc(nbytes), "cudaMalloc")
+            host_ptr = _check(cudart.cudaMallocHost(nbytes), "cudaMallocHost")
+            buffers[name] = _Buffer(int(device_ptr), int(host_ptr), nbytes, dtype)
+            context.set_tensor_address(name, int(device_ptr))
+        return _EngineRunner(
+            manifest=manifest,
+            engine=engine,
+            context=context,
+            stream=self._stream,
+            buffers=buffers,
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            chunk_input=chunk_input,
+            cuda_graphs=self.cuda_graphs,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        cudart = _cuda_runtime()
+        for runner in self._runners.values():
+            runner.close()
+        self._runners.clear()
+        if self._stream is not None:
+            cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+        self._trt_runtime = None
