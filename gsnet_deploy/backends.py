@@ -1,0 +1,90 @@
+"""Open the inference backend a command asked for: torch, ONNX Runtime or TensorRT.
+
+The one place that turns backend options into a ``runtime.backend.Backend``. Heavy packages
+(torch, onnxruntime, tensorrt) are imported only for the backend chosen, so a Jetson with only
+the TensorRT runtime never needs torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gsnet_deploy.errors import BackendError
+from gsnet_deploy.runtime.backend import Backend
+
+
+class BackendKind(enum.Enum):
+    """Inference engines."""
+
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class ModelSize(enum.Enum):
+    """Architecture used with demo weights (``tiny`` is for quick smoke runs and tests)."""
+
+    PAPER = "paper"
+    TINY = "tiny"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What selects and configures a backend (parsed once by the CLI)."""
+
+    kind: BackendKind | None = None  # None: tensorrt with --engine, onnxruntime with --onnx, else torch
+    checkpoint: Path | None = None
+    onnx_dir: Path | None = None
+    engine_dir: Path | None = None
+    device: str | None = None
+    pooling: int = 1
+    size: ModelSize = ModelSize.PAPER
+    fp16: bool = False
+
+    def resolved_kind(self) -> BackendKind:
+        """The backend to use, inferring it from the model source when not given."""
+        if self.kind is not None:
+            return self.kind
+        if self.engine_dir is not None:
+            return BackendKind.TENSORRT
+        if self.onnx_dir is not None:
+            return BackendKind.ONNXRUNTIME
+        return BackendKind.TORCH
+
+
+def open_backend(options: BackendOptions, warn: bool = True) -> Backend:
+    """Construct (not yet enter) the backend ``options`` describe.
+
+    Raises:
+        BackendError: the options do not fit together (e.g. onnxruntime without --onnx).
+    """
+    kind = options.resolved_kind()
+    if kind is BackendKind.TORCH:
+        if options.onnx_dir is not None or options.engine_dir is not None:
+            raise BackendError("--backend torch runs the PyTorch model; drop --onnx/--engine or pick their backend")
+        from gsnet_deploy.model import DEMO_WARNING, build_gsnet, paper_cfg, tiny_cfg
+        from gsnet_deploy.model.torch_backend import TorchBackend, TorchPrecision
+
+        pooling = (options.pooling, options.pooling)
+        cfg = tiny_cfg(pooling) if options.size is ModelSize.TINY else paper_cfg(pooling)
+        if options.checkpoint is None and warn:
+            print(f"warning: {DEMO_WARNING}", file=sys.stderr)
+        if options.checkpoint is not None and options.size is ModelSize.TINY:
+            raise BackendError("--model-size tiny is for demo weights only; drop it when passing --checkpoint")
+        model = build_gsnet(cfg, checkpoint=options.checkpoint)
+        precision = TorchPrecision.FP16 if options.fp16 else TorchPrecision.FP32
+        return TorchBackend(model, device=options.device, precision=precision)
+    if kind is BackendKind.ONNXRUNTIME:
+        if options.onnx_dir is None:
+            raise BackendError("--backend onnxruntime needs --onnx DIR (make it with 'gsnet export onnx --out DIR')")
+        from gsnet_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(options.onnx_dir)
+    if options.engine_dir is None:
+        raise BackendError("--backend tensorrt needs --engine DIR (make it with 'gsnet export build --out DIR')")
+    from gsnet_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(options.engine_dir)

@@ -1,0 +1,84 @@
+"""``gsnet segment`` end to end on the tiny model: outputs, image conversions, failures, exit status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gsnet_deploy.cli import main
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "aerial.png"
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_writes_mask_overlay_and_probs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(
+        ["segment", str(EXAMPLE), "--classes", "building,road,tree", "--out", str(out), "--save-probs",
+         "--model-size", "tiny", "--no-cache", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "demo weights" in stderr and "paper mode" in stderr
+    assert stdout.strip() == str(out / "aerial_mask.png")
+    rgb = np.asarray(Image.open(EXAMPLE))
+    mask = np.asarray(Image.open(out / "aerial_mask.png"))
+    probs = np.load(out / "aerial.probs.npy")
+    assert mask.shape == rgb.shape[:2] and mask.max() < 3
+    assert probs.shape == (3, *rgb.shape[:2]) and probs.dtype == np.float32
+    np.testing.assert_array_equal(mask, probs.argmax(0))
+    assert (out / "aerial_overlay.png").is_file()
+    assert not list(out.glob(".*"))  # no temp files left
+
+
+def test_segment_converts_and_survives_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 255, (200, 300), dtype=np.uint8)).save(gray)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(rng.integers(0, 255, (150, 150, 4), dtype=np.uint8)).save(rgba)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(rng.integers(0, 65535, (120, 160), dtype=np.uint16)).save(deep)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "out"
+    code, _, stderr = _run(
+        ["segment", str(gray), str(broken), str(rgba), str(deep), str(tmp_path / "missing.jpg"),
+         "--classes", "water,field", "--out", str(out), "--model-size", "tiny", "--no-cache", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2  # two inputs failed, the three others were processed
+    assert "grayscale image converted to RGB" in stderr
+    assert "RGBA image converted to RGB" in stderr
+    assert "stretched to 8 bits" in stderr
+    assert "cannot read image" in stderr and "does not exist" in stderr
+    for stem in ("gray", "rgba", "deep"):
+        assert (out / f"{stem}_mask.png").is_file()
+    assert not (out / "broken_mask.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--classes", ""], "empty"),
+        (["--classes", "road,,tree"], "blank"),
+        (["--classes", "road,Road"], "same prompt"),
+        ([], "no classes given"),
+        (["--classes", "a", "--checkpoint", "nope.pth"], "does not exist"),
+    ],
+)
+def test_segment_user_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    code, _, stderr = _run(["segment", str(EXAMPLE), "--out", str(tmp_path), "--no-cache", *extra], capsys)
+    assert code == 2
+    assert message in stderr
+    assert "Traceback" not in stderr
