@@ -119,7 +119,9 @@ class GSNet(nn.Module):
 
     def forward_image(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Image graph: raw RGB views ``[B, 3, 384, 384]`` (0..255) and ``[N, 512]`` -> logits ``[B, N, 96, 96]``."""
-        x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+        # normalize in fp32, then run in the weights' dtype (fp16 on the fast GPU path)
+        dtype = self.clip_visual.patch_embed.weight.dtype
+        x = ((images.float() - self.pixel_mean.float()) / self.pixel_std.float()).to(dtype)
         e_clip, (clip_g1, clip_g2) = self.clip_visual(x)  # [B, 512, 24, 24], 2 x [B, 768, 24, 24]
         dino_g1, dino_g2, dino_last = self.dino.forward_intermediates(x)  # 3 x [B, 768, 48, 48]
         e_dino = self.dino_down(dino_last)  # [B, 512, 24, 24]
