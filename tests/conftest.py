@@ -11,8 +11,13 @@ import shutil
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
+
+TRT_OPS_FILE = Path(__file__).resolve().parent / "data" / "trt_onnx_ops.json"
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +32,30 @@ def tiny_gsnet():
 def rng() -> np.random.Generator:
     """A fresh random generator per test (seeded from the OS: values differ run to run)."""
     return np.random.default_rng()
+
+
+def _trt_supported_ops() -> frozenset[str]:
+    data = json.loads(TRT_OPS_FILE.read_text())
+    return frozenset(name for name, entry in data["operators"].items() if entry["supported"])
+
+
+@pytest.fixture(scope="session")
+def trt_supported_ops() -> frozenset[str]:
+    """Ops TensorRT's ONNX parser supports (tests/data/trt_onnx_ops.json, with its source and version)."""
+    return _trt_supported_ops()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_gsnet):
+    """The tiny GSNet config with seeded demo weights, eval mode (same object as ``tiny_gsnet``)."""
+    return tiny_gsnet
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_model, tmp_path_factory) -> Path:
+    """``tiny_model`` exported (simplified, checked against TensorRT's op list) to a session temp folder."""
+    from gsnet_deploy.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny_onnx") / "onnx"
+    export_onnx(tiny_model, out, supported_ops=_trt_supported_ops())
+    return out

@@ -1,0 +1,372 @@
+"""Export GSNet's two graphs to ONNX: ``text_encoder.onnx``, ``image_graph.onnx`` and ``manifest.json``.
+
+The text graph maps tokens ``int64 [N, 77]`` to L2-normalized ``text_embeds [N, 512]``; the image
+graph maps raw RGB views ``[B, 3, 384, 384]`` and ``text_embeds [N, 512]`` to ``logits [B, N, 96, 96]``
+(design.md section 2). Names and dynamic axes come from ``gsnet_deploy.io_names``.
+
+Each graph goes through the same pipeline: ``torch.onnx.export`` (the TorchScript exporter,
+``dynamo=False``, which honours ``dynamic_axes`` predictably) -> a small rewrite for shape
+inference -> onnxslim -> output shapes pinned from symbolic inference -> the manifest in
+``metadata_props`` -> the checks of ``graph_checks``. The folder is written atomically: everything
+goes to a temporary folder beside the destination, then moves in with the manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from gsnet_deploy import io_names
+from gsnet_deploy.errors import ExportError
+from gsnet_deploy.export.graph_checks import MIN_OPSET, GraphReport, check_graph
+from gsnet_deploy.model.gsnet import GSNet
+from gsnet_deploy.runtime.onnx_dir import (
+    IMAGE_ROLE,
+    PAPER_PROTOCOL,
+    TEXT_ROLE,
+    OnnxManifest,
+)
+
+# Example sizes traced by the exporter: neither is 1, so no axis gets specialized to a broadcast.
+_EXAMPLE_VIEWS = 2
+_EXAMPLE_CLASSES = 3
+
+
+class TextGraph(nn.Module):
+    """The text graph as a module: ``tokens [N, 77] int64 -> text_embeds [N, 512]``."""
+
+    def __init__(self, model: GSNet) -> None:
+        """Wrap ``model`` (its weights are shared, not copied)."""
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalized text embeddings of BPE tokens."""
+        return self.model.encode_text(tokens)
+
+
+class ImageGraph(nn.Module):
+    """The image graph as a module: ``images [B, 3, 384, 384], text_embeds [N, 512] -> logits [B, N, 96, 96]``."""
+
+    def __init__(self, model: GSNet) -> None:
+        """Wrap ``model`` (its weights are shared, not copied)."""
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Per-class logits of raw RGB views (0..255; normalization is inside the graph)."""
+        return self.model.forward_image(images, text_embeds)
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What ``export_onnx`` wrote.
+
+    Attributes:
+        out_dir: the folder.
+        text_path: ``out_dir/text_encoder.onnx``.
+        image_path: ``out_dir/image_graph.onnx``.
+        manifest_path: ``out_dir/manifest.json``.
+        manifest: the manifest written to all three files.
+        reports: what the graph checks saw in each graph (text, image).
+    """
+
+    out_dir: Path
+    text_path: Path
+    image_path: Path
+    manifest_path: Path
+    manifest: OnnxManifest
+    reports: tuple[GraphReport, GraphReport]
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that shape the exported graphs."""
+    import onnxslim
+
+    import gsnet_deploy
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxslim": onnxslim.__version__,
+        "gsnet-deploy": gsnet_deploy.__version__,
+    }
+
+
+def make_manifest(model: GSNet, opset: int) -> OnnxManifest:
+    """The manifest of ``model``'s export (normalization read from the buffers the graph bakes in)."""
+    cfg = model.cfg
+    mean = [float(v) for v in model.get_buffer("pixel_mean").flatten().tolist()]
+    std = [float(v) for v in model.get_buffer("pixel_std").flatten().tolist()]
+    return OnnxManifest(
+        model_digest=str(model.digest),
+        template=cfg.template,
+        mean=(mean[0], mean[1], mean[2]),
+        std=(std[0], std[1], std[2]),
+        view_size=cfg.image_size,
+        logit_size=cfg.logit_size,
+        embed_dim=cfg.embed_dim,
+        protocol=PAPER_PROTOCOL,
+        opset=opset,
+        tool_versions=tool_versions(),
+    )
+
+
+def _example_inputs(model: GSNet) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded example tokens ``[3, 77]`` and (views ``[2, 3, 384, 384]``, embeddings ``[3, 512]``)."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    length = cfg.clip_text.context_length
+    tokens = torch.randint(1, cfg.clip_text.vocab_size - 2, (_EXAMPLE_CLASSES, length), generator=gen)
+    tokens[:, 0] = cfg.clip_text.vocab_size - 2  # start of text
+    tokens[:, 6] = cfg.clip_text.vocab_size - 1  # end of text: the largest id, where argmax pools
+    tokens[:, 7:] = 0
+    images = torch.rand(_EXAMPLE_VIEWS, 3, cfg.image_size, cfg.image_size, generator=gen) * 255.0
+    text = torch.nn.functional.normalize(torch.randn(_EXAMPLE_CLASSES, cfg.embed_dim, generator=gen), dim=-1)
+    device = model.get_buffer("pixel_mean").device
+    return tokens.to(device), (images.to(device), text.to(device))
+
+
+def _torch_export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int,
+) -> onnx.ModelProto:
+    """Run the TorchScript exporter into ``path`` and load the result."""
+    with warnings.catch_warnings():
+        # NOTE: the legacy exporter is chosen on purpose (dynamic_axes); its deprecation notice and the
+        # tracer's warnings about Python ints are noise here: the tests run the graph at other B and N
+        # (N = 1, 5, 40, 300) against PyTorch, which is what would catch a specialized shape.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*advanced indexing.*", category=UserWarning)
+        try:
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except Exception as err:
+            raise ExportError(
+                f"torch.onnx.export failed on {path.name} ({type(err).__name__}: {err}); see the traceback with --debug."
+            ) from err
+    return onnx.load(str(path))
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Shapes of every tensor from ONNX Runtime's symbolic shape inference (ints or expressions)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+    shapes: dict[str, list[int | str]] = {}
+    graph = inferred.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        if vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+    return shapes
+
+
+def flatten_to_reshape(model: onnx.ModelProto) -> int:
+    """Replace each ``Flatten`` whose kept side is static by the equivalent ``Reshape``; returns how many.
+
+    ``Flatten(axis=a)`` of ``[d0, ..., dk]`` is ``Reshape`` to ``[d0*..*d(a-1), da*..*dk]``. When one
+    side is all numbers, ``Reshape`` to ``[-1, P]`` (or ``[P, -1]``) is the same op. The TorchScript
+    exporter emits a Flatten for the text graph's end-of-text gather (``x[arange(N), eot]``), and the
+    symbolic shape inference has no rule for Flatten, so ``N`` would be lost downstream.
+    """
+    shapes = _symbolic_shapes(model)
+    count = 0
+    for index, node in enumerate(list(model.graph.node)):
+        if node.op_type != "Flatten":
+            continue
+        shape = shapes.get(node.input[0])
+        if shape is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        axis = axis + len(shape) if axis < 0 else axis
+        head = [d for d in shape[:axis] if isinstance(d, int)]
+        tail = [d for d in shape[axis:] if isinstance(d, int)]
+        if len(tail) == len(shape) - axis:
+            target = [-1, math.prod(tail)]
+        elif len(head) == axis:
+            target = [math.prod(head), -1]
+        else:
+            continue
+        shape_name = f"{node.output[0]}__reshape_shape"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name=shape_name))
+        reshape = helper.make_node("Reshape", [node.input[0], shape_name], list(node.output), name=f"{node.name}_as_reshape")
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, reshape)
+        count += 1
+    return count
+
+
+def _pin_output_shapes(model: onnx.ModelProto) -> None:
+    """Write numbers into graph output dims that symbolic inference resolves to numbers.
+
+    The exporter names some static output dims symbolically (the image graph's 96 x 96 comes out of a
+    Reshape whose shape is computed); inference proves them constant.
+    """
+    shapes = _symbolic_shapes(model)
+    for out in model.graph.output:
+        inferred = shapes.get(out.name)
+        dims = out.type.tensor_type.shape.dim
+        if inferred is None or len(inferred) != len(dims):
+            continue
+        for dim, value in zip(dims, inferred):
+            if isinstance(value, int) and not dim.HasField("dim_value"):
+                dim.dim_value = value  # setting the value clears dim_param (a oneof)
+
+
+def _simplify(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """onnxslim: constant folding, dead-code removal and fusion of the shape arithmetic."""
+    import onnxslim
+
+    try:
+        return onnxslim.slim(model)
+    except Exception as err:
+        raise ExportError(f"onnxslim failed on {name} ({type(err).__name__}: {err}); retry with simplify=False.") from err
+
+
+def _finish_graph(
+    raw: onnx.ModelProto,
+    path: Path,
+    role: str,
+    manifest: OnnxManifest,
+    *,
+    simplify: bool,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    dynamic_axes: dict[str, dict[int, str]],
+    supported_ops: Collection[str] | None,
+) -> GraphReport:
+    """Rewrite, simplify, stamp with the manifest, save to ``path`` and check one exported graph."""
+    flatten_to_reshape(raw)
+    model = _simplify(raw, path.name) if simplify else raw
+    _pin_output_shapes(model)
+    del model.metadata_props[:]
+    for key, value in manifest.metadata_props(role).items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    model.producer_name = "gsnet-deploy"
+    model.producer_version = manifest.tool_versions.get("gsnet-deploy", "")
+    onnx.save(model, str(path))
+    return check_graph(
+        model,
+        name=path.name,
+        inputs=inputs,
+        outputs=outputs,
+        dynamic_axes=dynamic_axes,
+        supported_ops=supported_ops,
+        checker_path=path,
+    )
+
+
+def _move_into(tmp_dir: Path, out_dir: Path, names: tuple[str, ...]) -> None:
+    """Move the finished files into ``out_dir``: a rename of the whole folder when it is new, else file by file."""
+    if not out_dir.exists():
+        try:
+            os.rename(tmp_dir, out_dir)
+            return
+        except OSError:
+            out_dir.mkdir(parents=True, exist_ok=True)  # created meanwhile: fall back to per-file replaces
+    for name in names:  # the manifest comes last: a folder with a new manifest has new graphs
+        os.replace(tmp_dir / name, out_dir / name)
+
+
+def export_onnx(
+    model: GSNet,
+    out_dir: str | Path,
+    *,
+    opset: int = MIN_OPSET,
+    simplify: bool = True,
+    supported_ops: Collection[str] | None = None,
+) -> OnnxExport:
+    """Export ``model``'s text graph and image graph with their manifest into ``out_dir``.
+
+    Args:
+        model: GSNet from ``build_gsnet`` (its ``digest`` names the weights); exported on its device.
+        out_dir: destination folder (created; existing graph files and manifest are replaced).
+        opset: ONNX opset, 17 or newer.
+        simplify: run onnxslim on both graphs (the checks run on the result either way).
+        supported_ops: if given, every op must be in it (e.g. TensorRT's ONNX-parser list).
+
+    Returns:
+        Paths, manifest and graph reports of what was written.
+
+    Raises:
+        ExportError: the opset is too old, out_dir is a file, the exporter or onnxslim failed, or a
+            graph fails the checks of ``graph_checks`` (nothing is written to ``out_dir`` then).
+    """
+    out_dir = Path(out_dir)
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old for the TensorRT path; pass opset {MIN_OPSET} or newer.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is a file; pass a folder for the ONNX graphs.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    manifest = make_manifest(model, opset)
+    tokens, image_args = _example_inputs(model)
+    model = model.eval()
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp_dir.chmod(0o777 & ~umask)  # mkdtemp makes it private; the folder it becomes should not be
+    try:
+        raw_dir = tmp_dir / "raw"
+        raw_dir.mkdir()
+        with torch.no_grad():
+            raw_text = _torch_export(
+                TextGraph(model), (tokens,), raw_dir / io_names.TEXT_GRAPH_FILE,
+                io_names.TEXT_INPUTS, io_names.TEXT_OUTPUTS, io_names.TEXT_DYNAMIC_AXES, opset,
+            )  # fmt: skip
+            raw_image = _torch_export(
+                ImageGraph(model), image_args, raw_dir / io_names.IMAGE_GRAPH_FILE,
+                io_names.IMAGE_INPUTS, io_names.IMAGE_OUTPUTS, io_names.IMAGE_DYNAMIC_AXES, opset,
+            )  # fmt: skip
+        shutil.rmtree(raw_dir)
+        text_report = _finish_graph(
+            raw_text, tmp_dir / io_names.TEXT_GRAPH_FILE, TEXT_ROLE, manifest, simplify=simplify,
+            inputs=io_names.TEXT_INPUTS, outputs=io_names.TEXT_OUTPUTS, dynamic_axes=io_names.TEXT_DYNAMIC_AXES,
+            supported_ops=supported_ops,
+        )  # fmt: skip
+        del raw_text
+        image_report = _finish_graph(
+            raw_image, tmp_dir / io_names.IMAGE_GRAPH_FILE, IMAGE_ROLE, manifest, simplify=simplify,
+            inputs=io_names.IMAGE_INPUTS, outputs=io_names.IMAGE_OUTPUTS, dynamic_axes=io_names.IMAGE_DYNAMIC_AXES,
+            supported_ops=supported_ops,
+        )  # fmt: skip
+        del raw_image
+        (tmp_dir / io_names.MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+        _move_into(tmp_dir, out_dir, (io_names.TEXT_GRAPH_FILE, io_names.IMAGE_GRAPH_FILE, io_names.MANIFEST_FILE))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return OnnxExport(
+        out_dir=out_dir,
+        text_path=out_dir / io_names.TEXT_GRAPH_FILE,
+        image_path=out_dir / io_names.IMAGE_GRAPH_FILE,
+        manifest_path=out_dir / io_names.MANIFEST_FILE,
+        manifest=manifest,
+        reports=(text_report, image_report),
+    )

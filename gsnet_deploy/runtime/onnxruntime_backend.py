@@ -1,0 +1,210 @@
+"""The ONNX Runtime backend: both exported graphs behind the runtime's ``Backend`` protocol.
+
+Construction opens and validates the ONNX folder (``runtime.onnx_dir``) without loading the
+graphs; ``__enter__`` creates the two sessions and ``__exit__`` releases them. Providers: CPU by
+default; with onnxruntime-gpu installed *and* a CUDA device present, CUDA first (CPU after it for
+any op CUDA lacks). The providers the sessions really got are in ``.providers``; when CUDA was
+chosen automatically but did not come up, a warning says so (no silent fallback), and when it was
+asked for explicitly, opening fails.
+
+Torch-free: imports numpy and, on enter, onnxruntime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gsnet_deploy import io_names
+from gsnet_deploy.errors import BackendError
+from gsnet_deploy.runtime.onnx_dir import OnnxDir, OnnxManifest, open_onnx_dir
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+_NUMPY_TYPES: dict[str, type] = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
+
+
+def _import_onnxruntime() -> Any:
+    """``onnxruntime``, or a BackendError saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendError(
+            f"ONNX Runtime is not installed ({err}); pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)."
+        ) from err
+    return onnxruntime
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver), asked through ``libcuda`` directly."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    return 0
+
+
+def default_providers(available: Sequence[str]) -> list[str]:
+    """CUDA then CPU when the CUDA provider is built in and a CUDA device exists, else CPU only."""
+    if CUDA_PROVIDER in available and cuda_device_count() > 0:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+class OnnxGraphRunner:
+    """One ONNX Runtime session with the input checks of its graph."""
+
+    def __init__(
+        self, session: Any, path: Path, expected: Mapping[str, tuple[int | str, ...]], dtypes: Mapping[str, type]
+    ) -> None:
+        """Wrap ``session`` (from ``path``); ``expected`` gives each input's shape, symbols for dynamic axes."""
+        self.session = session
+        self.path = path
+        self.expected = dict(expected)
+        self.dtypes = dict(dtypes)
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def _check(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds converted to the graph's dtypes, or a BackendError naming the bad input."""
+        missing = sorted(set(self.expected) - set(feeds))
+        if missing:
+            raise BackendError(f"{self.path.name} needs inputs {sorted(self.expected)} but got no {missing}; pass every input.")
+        checked: dict[str, np.ndarray] = {}
+        symbols: dict[str, int] = {}
+        for name, shape in self.expected.items():
+            array: np.ndarray = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+            if array.ndim != len(shape):
+                raise BackendError(
+                    f"input {name!r} of {self.path.name} has shape {array.shape} but the graph takes {list(shape)}; "
+                    "fix the caller's array layout."
+                )
+            for axis, (size, want) in enumerate(zip(array.shape, shape)):
+                if isinstance(want, str):
+                    if size < 1:
+                        raise BackendError(f"input {name!r} of {self.path.name} has {want}={size}; pass at least one.")
+                    if symbols.setdefault(want, size) != size:
+                        raise BackendError(
+                            f"input {name!r} of {self.path.name} has {want}={size} but another input has {want}={symbols[want]}."
+                        )
+                elif size != want:
+                    raise BackendError(
+                        f"input {name!r} of {self.path.name} has shape {array.shape} but axis {axis} must be {want}; "
+                        f"the graph takes {list(shape)}."
+                    )
+            checked[name] = array
+        return checked
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on host arrays (converted to float32 / int64 as the graph needs)."""
+        checked = self._check(feeds)
+        results = self.session.run(self.output_names, checked)
+        return {name: np.asarray(value) for name, value in zip(self.output_names, results)}
+
+
+class OnnxRuntimeBackend:
+    """GSNet's text and image graphs on ONNX Runtime.
+
+    Attributes:
+        name: "onnxruntime".
+        model_digest: digest of the exported weights (from the folder's manifest).
+        max_views: None (any view batch).
+        preferred_views: 5 (the paper protocol's batch).
+        manifest: the folder's manifest (template, normalization, sizes, tool versions).
+        providers: execution providers the sessions use, best first (set on enter).
+    """
+
+    name = "onnxruntime"
+    max_views: int | None = None
+    preferred_views = 5
+
+    def __init__(self, onnx_dir: str | Path, providers: Sequence[str] | None = None) -> None:
+        """Open and validate ``onnx_dir``; sessions are created on ``__enter__``.
+
+        Args:
+            onnx_dir: folder written by ``gsnet export onnx``.
+            providers: ONNX Runtime execution providers, best first (None: CUDA when available, else CPU).
+
+        Raises:
+            ExportError: the folder is incomplete, mixes exports or holds graphs that are not ours.
+        """
+        self.onnx_dir: OnnxDir = open_onnx_dir(onnx_dir)
+        self.manifest: OnnxManifest = self.onnx_dir.manifest
+        self.model_digest = self.manifest.model_digest
+        self.requested_providers = list(providers) if providers is not None else None
+        self.providers: list[str] = []
+        self._text: OnnxGraphRunner | None = None
+        self._image: OnnxGraphRunner | None = None
+
+    def _session(self, ort: Any, path: Path, providers: list[str]) -> Any:
+        """One inference session on ``providers``."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as err:
+            raise BackendError(f"ONNX Runtime cannot load {path} ({type(err).__name__}: {err}); re-export the folder.") from err
+
+    def __enter__(self) -> OnnxRuntimeBackend:
+        """Create both sessions and record the providers they got."""
+        ort = _import_onnxruntime()
+        available = list(ort.get_available_providers())
+        if self.requested_providers is not None:
+            unknown = [p for p in self.requested_providers if p not in available]
+            if unknown:
+                raise BackendError(f"ONNX Runtime here has no {unknown} (available: {available}); pick from those.")
+            wanted = self.requested_providers
+        else:
+            wanted = default_providers(available)
+        text_session = self._session(ort, self.onnx_dir.text_path, wanted)
+        image_session = self._session(ort, self.onnx_dir.image_path, wanted)
+        got = list(image_session.get_providers())
+        if wanted[0] not in got:
+            if self.requested_providers is not None:
+                raise BackendError(
+                    f"ONNX Runtime could not start {wanted[0]} (sessions got {got}); check the GPU driver and CUDA libraries "
+                    f"or pass providers=[{CPU_PROVIDER!r}]."
+                )
+            warnings.warn(f"ONNX Runtime could not start {wanted[0]}; running on {got} instead.", RuntimeWarning, stacklevel=2)
+        self.providers = got
+        self._text = self._runner(text_session, self.onnx_dir.text_path, io_names.TEXT_INPUTS)
+        self._image = self._runner(image_session, self.onnx_dir.image_path, io_names.IMAGE_INPUTS)
+        return self
+
+    @staticmethod
+    def _runner(session: Any, path: Path, inputs: Sequence[str]) -> OnnxGraphRunner:
+        """A runner whose input checks come from the session's own input shapes and types."""
+        found = {i.name: i for i in session.get_inputs()}
+        if sorted(found) != sorted(inputs):
+            raise BackendError(f"{path} has inputs {sorted(found)}, expected {sorted(inputs)}; re-export the folder.")
+        shapes = {name: tuple(found[name].shape) for name in inputs}
+        dtypes = {name: _NUMPY_TYPES.get(found[name].type, np.float32) for name in inputs}
+        return OnnxGraphRunner(session, path, shapes, dtypes)
+
+    def __exit__(self, *exc: object) -> None:
+        """Release both sessions."""
+        self._text = self._image = None
+        self.providers = []
+
+    @property
+    def text(self) -> OnnxGraphRunner:
+        """The text graph's runner (tokens -> text_embeds)."""
+        if self._text is None:
+            raise BackendError("the onnxruntime backend is not open; use it in a 'with' block")
+        return self._text
+
+    @property
+    def image(self) -> OnnxGraphRunner:
+        """The image graph's runner (images, text_embeds -> logits)."""
+        if self._image is None:
+            raise BackendError("the onnxruntime backend is not open; use it in a 'with' block")
+        return self._image
