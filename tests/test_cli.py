@@ -82,3 +82,47 @@ def test_segment_user_errors_are_one_line(
     assert code == 2
     assert message in stderr
     assert "Traceback" not in stderr
+
+
+def test_save_probs_torch_and_onnxruntime_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end through the CLI: export the tiny model, segment with both backends, compare probabilities."""
+    onnx_dir = tmp_path / "onnx"
+    code, _, stderr = _run(["export", "onnx", "--model-size", "tiny", "--out", str(onnx_dir)], capsys)
+    assert code == 0, stderr
+    common = [str(EXAMPLE), "--classes", "building,road,tree,water", "--save-probs", "--no-cache", "--no-progress"]
+    code, _, stderr = _run(["segment", *common, "--model-size", "tiny", "--out", str(tmp_path / "t")], capsys)
+    assert code == 0, stderr
+    code, _, stderr = _run(["segment", *common, "--onnx", str(onnx_dir), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, stderr
+    assert "onnxruntime" in stderr
+    torch_probs = np.load(tmp_path / "t" / "aerial.probs.npy")
+    ort_probs = np.load(tmp_path / "o" / "aerial.probs.npy")
+    assert torch_probs.shape == ort_probs.shape == (4, 512, 640)
+    np.testing.assert_allclose(ort_probs, torch_probs, rtol=0, atol=1e-5)
+
+
+def test_segment_geotiff_keeps_georeferencing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "scene.tif"
+    data = rng.integers(0, 255, size=(3, 420, 530), dtype=np.uint8)
+    profile = dict(driver="GTiff", width=530, height=420, count=3, dtype="uint8", crs="EPSG:32633",
+                   transform=from_origin(500000.0, 4200000.0, 0.3, 0.3))  # fmt: skip
+    with rasterio.open(src, "w", **profile) as dst:
+        dst.write(data)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(
+        ["segment", str(src), "--classes", "building,road", "--out", str(out), "--model-size", "tiny",
+         "--no-cache", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "tiled mode" in stderr
+    mask_path = out / "scene_mask.tif"
+    assert stdout.strip() == str(mask_path)
+    with rasterio.open(src) as a, rasterio.open(mask_path) as b:
+        assert b.crs == a.crs and b.transform == a.transform and (b.width, b.height) == (a.width, a.height)
+        assert b.count == 1 and b.dtypes[0] == "uint8"
+        assert int(b.read(1).max()) < 2

@@ -90,7 +90,7 @@ def paper_views(image: np.ndarray) -> PaperViews:
     return PaperViews(views=np.ascontiguousarray(views, dtype=np.float32), height=height, width=width)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     """Logistic function in float32, stable for large |x|."""
     out = np.empty_like(x)
     pos = x >= 0
@@ -116,7 +116,7 @@ def merge_paper_logits(logits: np.ndarray, height: int, width: int) -> np.ndarra
     if logits.ndim != 4 or logits.shape[0] != NUM_VIEWS:
         raise ValueError(f"expected logits [5, N, H, W], got {logits.shape}")
     num_classes = logits.shape[1]
-    probs = _sigmoid(resize_bilinear(logits.astype(np.float32, copy=False), (VIEW_SIZE, VIEW_SIZE)))  # [5, N, 384, 384]
+    probs = sigmoid(resize_bilinear(logits.astype(np.float32, copy=False), (VIEW_SIZE, VIEW_SIZE)))  # [5, N, 384, 384]
     acc = np.zeros((num_classes, CANVAS, CANVAS), dtype=np.float32)
     count = np.zeros((CANVAS, CANVAS), dtype=np.float32)
     for tile, (r, c) in zip(probs[:-1], tile_offsets()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Neighbour indices and weights of one axis: (i0, i1, w0, w1), each [out_size]."""
     scale = np.float32(in_size) / np.float32(out_size)
     dst = np.arange(out_size, dtype=np.float32)
@@ -45,8 +45,8 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (in_h, in_w) == (out_h, out_w):
         return x.copy()
     dtype = x.dtype
-    hi0, hi1, hw0, hw1 = _axis_weights(in_h, out_h)
-    wi0, wi1, ww0, ww1 = _axis_weights(in_w, out_w)
+    hi0, hi1, hw0, hw1 = axis_weights(in_h, out_h)
+    wi0, wi1, ww0, ww1 = axis_weights(in_w, out_w)
     # rows first, then columns; weights broadcast over the leading axes
     rows = x[..., hi0, :] * hw0[:, None].astype(dtype) + x[..., hi1, :] * hw1[:, None].astype(dtype)  # [..., out_h, W]
     out = rows[..., wi0] * ww0.astype(dtype) + rows[..., wi1] * ww1.astype(dtype)  # [..., out_h, out_w]

@@ -25,7 +25,8 @@ import numpy as np
 from gsnet_deploy.errors import BackendError, GSNetError, ImageError
 from gsnet_deploy.io_names import IMAGES, LOGITS, TEXT_EMBEDS
 from gsnet_deploy.runtime.backend import Backend
-from gsnet_deploy.runtime.resize import _axis_weights, resize_bilinear
+from gsnet_deploy.runtime.protocol import sigmoid
+from gsnet_deploy.runtime.resize import axis_weights, resize_bilinear
 from gsnet_deploy.runtime.tiling import (
     DEFAULT_OVERLAP,
     EMIT_ROWS,
@@ -124,8 +125,8 @@ class ScaledSource:
         """
         self.source = source
         self.height, self.width = height, width
-        self._rows = _axis_weights(source.height, height)  # (i0, i1, w0, w1), each [height]
-        self._cols = _axis_weights(source.width, width)  # each [width]
+        self._rows = axis_weights(source.height, height)  # (i0, i1, w0, w1), each [height]
+        self._cols = axis_weights(source.width, width)  # each [width]
         self.sample_bytes = source.sample_bytes + 3 * 4  # float32 copy, column pass, row pass
 
     def read(self, row_off: int, row_end: int, col_off: int, col_end: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -157,8 +158,8 @@ class ScaledSink:
     def __init__(self, sink: RowSink, scaled_hw: tuple[int, int], native_hw: tuple[int, int]) -> None:
         """Wrap ``sink`` (native ``native_hw``) to accept rows of size ``scaled_hw``."""
         self.sink = sink
-        self._rows = _axis_weights(scaled_hw[0], native_hw[0])  # each [H]
-        self._cols = _axis_weights(scaled_hw[1], native_hw[1])  # each [W]
+        self._rows = axis_weights(scaled_hw[0], native_hw[0])  # each [H]
+        self._cols = axis_weights(scaled_hw[1], native_hw[1])  # each [W]
         self._native_h = native_hw[0]
         self._next = 0  # next native row to emit
         self._top = 0  # scaled row held at buffer row 0
@@ -242,11 +243,6 @@ def plan_batch(width: int, num_classes: int, backend: Backend, max_memory: int, 
                 "raise --max-memory or use fewer classes"
             )
     return batch, prefetch
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function in float32 (tanh form: no overflow for large |x|)."""
-    return (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * x)).astype(np.float32, copy=False)
 
 
 @dataclass
@@ -395,7 +391,7 @@ def run_tiled(
                 assert item.views is not None
                 logits = _run_views(backend, item.views[: len(item.windows)], text_embeds)  # [b, N, h, w]
                 for i, win in enumerate(item.windows):
-                    probs = _sigmoid(resize_bilinear(logits[i], (WINDOW, WINDOW)))  # [N, S, S]
+                    probs = sigmoid(resize_bilinear(logits[i], (WINDOW, WINDOW)))  # [N, S, S]
                     for rows in accumulator.add(win, probs, item.valids[i]):
                         sink.write(rows)
             ran += len(item.windows)
