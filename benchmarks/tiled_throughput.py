@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gsnet_deploy.io_names import IMAGE_GRAPH_FILE, IMAGES, LOGITS, TEXT_EMBEDS
+from gsnet_deploy.io_names import IMAGE_GRAPH_FILE, IMAGES, LOGITS
 from gsnet_deploy.runtime.palette import default_palette
 from gsnet_deploy.runtime.tiled import segment_tiled
 
@@ -47,22 +47,6 @@ class _FakeImageRunner:
         b = views.shape[0]
         pooled = views.reshape(b, 3, 96, 4, 96, 4).mean(axis=(3, 5)) / 255.0  # [B, 3, 96, 96]
         return {LOGITS: np.einsum("nc,bchw->bnhw", self.a, pooled).astype(np.float32)}  # [B, N, 96, 96]
-
-
-class _OrtImageRunner:
-    """ONNX Runtime session on the image graph.
-
-    NOTE: a stop-gap until the runtime's ONNX Runtime backend lands; then build that backend instead.
-    """
-
-    def __init__(self, path: Path, provider: str) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=[provider])
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (logits,) = self.session.run([LOGITS], {IMAGES: feeds[IMAGES], TEXT_EMBEDS: feeds[TEXT_EMBEDS]})
-        return {LOGITS: np.asarray(logits)}
 
 
 class _BenchBackend:
@@ -155,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        backend = _BenchBackend("onnxruntime", _OrtImageRunner(graph, args.provider), args.views)
+        from gsnet_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(args.onnx, providers=[args.provider])
+        backend.preferred_views = args.views
         provider: str | None = args.provider
     else:
         backend = _BenchBackend("fake", _FakeImageRunner(args.classes), args.views)
