@@ -328,7 +328,7 @@ def _make_variants(
     """Write (or reuse) the FP16, Q/DQ and Q/DQ+FP16 ONNX models the build needs."""
     from gsnet_deploy.calib.quantize import INT8_FILE, quantize_image_graph, reference_text_embeds
     from gsnet_deploy.calib.views import CalibrationDataWarning, calibration_tokens, calibration_views
-    from gsnet_deploy.export.fp16 import make_fp16_onnx
+    from gsnet_deploy.export.fp16 import QDQ_OP_TYPES, make_fp16_onnx
 
     paths: dict[Graph, dict[OnnxVariant, Path]] = {g: {} for g in Graph}
     tokens = text_tokens if text_tokens is not None else calibration_tokens()
@@ -392,9 +392,11 @@ def _make_variants(
                 if variant is OnnxVariant.INT8_FP16
                 else onnx_dir / OnnxVariant.FP32.file_name(graph)
             )
-            paths[graph][variant] = make_fp16_onnx(src, dst, reference_feeds=feeds)
+            keep_fp32 = QDQ_OP_TYPES if variant is OnnxVariant.INT8_FP16 else ()
+            paths[graph][variant] = make_fp16_onnx(src, dst, reference_feeds=feeds, op_types_to_exclude=keep_fp32)
             _write_sidecar(
-                dst, {"model_digest": digest, "made_from": src.name, "made_by": "ModelOpt AutoCast fp16"}
+                dst, {"model_digest": digest, "made_from": src.name, "made_by": "ModelOpt AutoCast fp16",
+                 "kept_fp32_op_types": list(keep_fp32)}
             )
     return paths
 

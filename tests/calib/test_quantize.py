@@ -68,3 +68,62 @@ def test_quantize_missing_model(tmp_path: Path) -> None:
             np.zeros((5, 3, 384, 384), np.float32),
             text_embeds=np.ones((2, 512), np.float32),
         )
+
+
+# ---- the real tiny GSNet graphs (tiny_onnx_dir: demo weights, exported once per session) ----
+
+
+@pytest.fixture(scope="module")
+def tiny_qdq(tiny_onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """The tiny image graph quantized on two paper views of one example image; also its text embeddings."""
+    from gsnet_deploy.calib.views import calibration_tokens
+    from gsnet_deploy.runtime.examples import example_image
+    from gsnet_deploy.runtime.protocol import paper_views
+
+    embeds = reference_text_embeds(tiny_onnx_dir, calibration_tokens(6))
+    views = paper_views(example_image(0)).views.astype(np.float32)[[0, 4]]  # [2, 3, 384, 384]: a tile, global
+    out = quantize_image_graph(
+        tiny_onnx_dir, tmp_path_factory.mktemp("qdq"), views, text_embeds=embeds, method=CalibMethod.MAX
+    )
+    return out, embeds
+
+
+def test_quantize_tiny_graph_places_qdq_on_weighted_layers_only(tiny_qdq: tuple[Path, np.ndarray]) -> None:
+    model = onnx.load(str(tiny_qdq[0]))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    weighted = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+    # every Q/DQ pair sits on the input of a weighted layer (other readers of that tensor share it)
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
+        readers = {n.op_type for n in model.graph.node if dq.output[0] in n.input}
+        assert readers & weighted, (dq.name, readers)
+    fed_by_dq = {
+        n.name
+        for n in model.graph.node
+        if n.op_type in weighted
+        and any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)
+    }
+    # the most quantization-sensitive nodes stay in high precision
+    for name in fed_by_dq:
+        assert not name.startswith(("/qgff/", "/decoder/head/", "/text_proj/")), name
+        assert "/class_attn/" not in name, name
+    assert "/blocks.0/attn/MatMul" not in fed_by_dq  # q @ k^T: two activations
+    assert "/blocks.0/attn/qkv/MatMul" in fed_by_dq  # a weighted projection is quantized
+
+
+@pytest.mark.parametrize("num_classes", [3, 6])
+def test_quantize_tiny_graph_runs_close_to_fp32(
+    tiny_onnx_dir: Path, tiny_qdq: tuple[Path, np.ndarray], num_classes: int
+) -> None:
+    from gsnet_deploy.runtime.examples import example_image
+    from gsnet_deploy.runtime.protocol import paper_views
+
+    path, embeds = tiny_qdq
+    # views of another image than the calibration one
+    views = paper_views(example_image(1)).views.astype(np.float32)[:3]  # [3, 3, 384, 384]
+    feeds = {io_names.IMAGES: views, io_names.TEXT_EMBEDS: embeds[:num_classes]}
+    reference = run_onnx_cpu(tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE, feeds)[io_names.LOGITS]
+    candidate = run_onnx_cpu(path, feeds)[io_names.LOGITS]
+    assert candidate.shape == (3, num_classes, 96, 96) and np.isfinite(candidate).all()
+    assert _rel_l2(reference, candidate) <= 0.05

@@ -84,3 +84,51 @@ def test_fp16_text_graph(tmp_path: Path) -> None:
 def test_fp16_missing_source(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="does not exist"):
         make_fp16_onnx(tmp_path / "nope.onnx", tmp_path / "x.onnx")
+
+
+# ---- the real tiny GSNet graphs (tiny_onnx_dir: demo weights, exported once per session) ----
+
+
+def test_fp16_tiny_image_graph_casts_runs_and_stays_close(tiny_onnx_dir: Path, tmp_path: Path) -> None:
+    from gsnet_deploy.calib.quantize import reference_text_embeds
+    from gsnet_deploy.calib.views import calibration_tokens
+    from gsnet_deploy.runtime.examples import example_image
+    from gsnet_deploy.runtime.protocol import paper_views
+
+    embeds = reference_text_embeds(tiny_onnx_dir, calibration_tokens(6))
+    views = paper_views(example_image(0)).views.astype(np.float32)  # [5, 3, 384, 384]
+    dst = make_fp16_onnx(
+        tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE,
+        tmp_path / "image_graph.fp16.onnx",
+        reference_feeds={io_names.IMAGES: views[:2], io_names.TEXT_EMBEDS: embeds},
+    )
+    model = onnx.load(str(dst))
+    assert any(n.op_type == "Cast" for n in model.graph.node)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    # other B and N than the reference run: the dynamic axes survive AutoCast
+    feeds = {io_names.IMAGES: views[2:5], io_names.TEXT_EMBEDS: embeds[:4]}
+    reference = run_onnx_cpu(tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE, feeds)[io_names.LOGITS]
+    candidate = run_onnx_cpu(dst, feeds)[io_names.LOGITS]
+    assert candidate.shape == (3, 4, 96, 96) and candidate.dtype == np.float32
+    assert np.isfinite(candidate).all()
+    assert _rel_l2(reference, candidate) <= 0.05
+
+
+def test_fp16_tiny_text_graph_keeps_dynamic_classes(tiny_onnx_dir: Path, tmp_path: Path) -> None:
+    from gsnet_deploy.calib.views import calibration_tokens
+
+    dst = make_fp16_onnx(
+        tiny_onnx_dir / io_names.TEXT_GRAPH_FILE,
+        tmp_path / "text_encoder.fp16.onnx",
+        reference_feeds={io_names.TEXT_TOKENS: calibration_tokens(5)},
+    )
+    assert any(n.op_type == "Cast" for n in onnx.load(str(dst)).graph.node)
+    tokens = calibration_tokens(3, seed=7)
+    reference = run_onnx_cpu(tiny_onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[
+        io_names.TEXT_EMBEDS
+    ]
+    candidate = run_onnx_cpu(dst, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
+    assert candidate.shape == (3, 512) and np.isfinite(candidate).all()
+    # L2-normalized rows, checked directly in float64
+    np.testing.assert_allclose(np.linalg.norm(candidate.astype(np.float64), axis=1), 1.0, rtol=0, atol=5e-3)
+    assert _rel_l2(reference, candidate) <= 0.05

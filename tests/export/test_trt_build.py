@@ -155,3 +155,51 @@ def test_build_int8_without_qdq_or_images_is_refused(tmp_path: Path) -> None:
     onnx_dir = _standin().write_standin_onnx_dir(tmp_path / "onnx")
     with pytest.raises(EngineBuildError, match="INT8 needs a Q/DQ model"):
         build_engines(onnx_dir, tmp_path / "engines", Precision.INT8)
+
+
+# ---- the real tiny GSNet graphs (tiny_onnx_dir: demo weights, exported once per session) ----
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16_build(
+    tiny_onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, EngineBuildError]:
+    """``build_engines`` FP16 on the tiny graphs without TensorRT: the output folder and the error."""
+    from gsnet_deploy.calib.views import calibration_tokens
+
+    out = tmp_path_factory.mktemp("tiny_build") / "engines"
+    with pytest.raises(EngineBuildError) as info:
+        build_engines(tiny_onnx_dir, out, Precision.FP16, classes_opt=8, text_tokens=calibration_tokens(6))
+    return out, info.value
+
+
+@no_tensorrt
+def test_build_tiny_without_tensorrt_writes_fp16_onnx_then_one_line_error(
+    tiny_onnx_dir: Path, tiny_fp16_build: tuple[Path, EngineBuildError]
+) -> None:
+    out, error = tiny_fp16_build
+    message = str(error)
+    assert "\n" not in message
+    assert message.startswith("TensorRT is not installed") and "same `gsnet export build` command" in message
+    digest = json.loads((tiny_onnx_dir / io_names.MANIFEST_FILE).read_text())["model_digest"]
+    for name in ("text_encoder.fp16.onnx", "image_graph.fp16.onnx"):
+        model = onnx.load(str(out / name))
+        assert any(n.op_type == "Cast" for n in model.graph.node)
+        assert json.loads((out / f"{name}.json").read_text())["model_digest"] == digest
+    assert not list(out.glob("*.engine"))
+
+
+@no_tensorrt
+def test_cli_build_without_tensorrt_one_line_no_traceback(
+    tiny_onnx_dir: Path, tiny_fp16_build: tuple[Path, EngineBuildError], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gsnet_deploy.cli import main
+
+    out, _ = tiny_fp16_build  # the FP16 models are there and fresh: the CLI reuses them
+    code = main(["export", "build", "--onnx", str(tiny_onnx_dir), "--precision", "fp16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "TensorRT is not installed" in error_lines[0]
+    assert "run the same `gsnet export build` command there" in error_lines[0]
