@@ -150,13 +150,14 @@ def cmd_export_build(args: argparse.Namespace) -> int:
 def cmd_export_check(args: argparse.Namespace) -> int:
     """gsnet export check."""
     from gsnet_deploy.calib.views import calibration_views
-    from gsnet_deploy.export.check import check_build, format_table
+    from gsnet_deploy.export.check import CHECK_FILE, check_build, format_table
 
     views = calibration_views(args.images, max_images=args.max_images)
     onnx_dir = args.onnx or (args.out / "onnx" if (args.out / "onnx").is_dir() else args.out)
     text_embeds = _check_text_embeds(onnx_dir, args.num_classes)
     results = check_build(args.out, views, text_embeds, onnx_dir=onnx_dir)
     print(format_table(results))
+    print(f"wrote {args.out / CHECK_FILE} ({views.shape[0]} views, {text_embeds.shape[0]} classes)", file=sys.stderr)
     return 0
 
 
@@ -193,9 +194,20 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     """gsnet bench latency."""
     from gsnet_deploy.bench.latency import LatencyOptions, run_latency
 
-    report = run_latency(LatencyOptions(onnx_dir=args.onnx, engine_dir=args.engine, classes=tuple(args.classes),
-                                        iters=args.iters, out_dir=args.out, size=ModelSize(args.model_size)))  # fmt: skip
-    print(report)
+    options = LatencyOptions(
+        onnx_dir=args.onnx,
+        engine_dirs=tuple(args.engine or ()),
+        classes=tuple(args.classes),
+        iters=args.iters,
+        out_dir=args.out,
+        size=ModelSize(args.model_size),
+        checkpoint=args.checkpoint,
+        warmup=args.warmup,
+        tiled=args.tiled,
+        label=args.label,
+        chart=args.chart,
+    )
+    print(run_latency(options))
     return 0
 
 
@@ -288,13 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     t5.add_argument("--classes", type=int, nargs="+", default=[5, 40])
     t5.add_argument("--growth", type=int, nargs="*", default=[], help="more class counts for the head-share table")
     t5.set_defaults(func=cmd_bench_table5)
-    lat = bench_sub.add_parser("latency", help="ms per image per backend and precision")
-    lat.add_argument("--onnx", type=Path)
-    lat.add_argument("--engine", type=Path)
-    lat.add_argument("--classes", type=int, nargs="+", default=[6, 40])
-    lat.add_argument("--iters", type=int, default=5)
-    lat.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    lat.add_argument("--model-size", choices=[m.value for m in ModelSize], default="paper", help=argparse.SUPPRESS)
+    lat = bench_sub.add_parser("latency", help="ms per image per backend and precision, side by side")
+    lat.add_argument("--onnx", type=Path, help="ONNX folder: adds ONNX Runtime CPU (and CUDA) variants")
+    lat.add_argument("--engine", type=Path, nargs="+", help="TensorRT engine folders (fp16, int8...): one variant each")
+    lat.add_argument("--checkpoint", type=Path, help="official checkpoint for the torch variants; default: demo weights")
+    lat.add_argument("--classes", type=int, nargs="+", default=[6, 40], help="class counts N (default: 6 40)")
+    lat.add_argument("--iters", type=int, default=3, help="timed iterations per measurement (default: 3)")
+    lat.add_argument("--warmup", type=int, help="warm-up iterations (default: 1 on CPU, 3 on CUDA)")
+    lat.add_argument("--tiled", action=argparse.BooleanOptionalAction, default=True, help="tiled views/s (8 views, N=6)")
+    lat.add_argument("--chart", action=argparse.BooleanOptionalAction, default=True, help="PNG chart (needs matplotlib)")
+    lat.add_argument("--label", help="host part of the file names (default: GPU name or cpu-<cores>core)")
+    lat.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
+    lat.add_argument("--model-size", choices=[m.value for m in ModelSize], default="paper", help="tiny: quick demo-weight runs")
     lat.set_defaults(func=cmd_bench_latency)
 
     ev = sub.add_parser("eval", help="mIoU on a benchmark beside the paper's Table 2")
