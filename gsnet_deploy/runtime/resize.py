@@ -8,6 +8,8 @@ coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0, neighbours ``floor`` a
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -25,8 +27,24 @@ def axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
     return i0, i1, w0, w1
 
 
+@lru_cache(maxsize=64)
+def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The ``[out_size, in_size]`` float32 matrix of one axis' bilinear resize (two non-zeros per row)."""
+    i0, i1, w0, w1 = axis_weights(in_size, out_size)
+    rows = np.arange(out_size)
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    np.add.at(matrix, (rows, i0), w0)
+    np.add.at(matrix, (rows, i1), w1)
+    matrix.setflags(write=False)
+    return matrix
+
+
 def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize the last two axes of ``x`` to ``size`` (height, width), torch-style bilinear.
+
+    Computed as two matrix products with the per-axis interpolation matrices (each row holds the
+    two bilinear weights): BLAS does in milliseconds what gathering the neighbours does in seconds.
+    Zeros add exactly nothing, so the result is torch's up to the rounding of one multiply-add.
 
     Args:
         x: float array ``[..., H, W]`` (float32 keeps the result float32).
@@ -34,7 +52,6 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Returns:
         Array ``[..., size[0], size[1]]`` of the dtype of ``x`` (float32 for integer input).
-
     """
     out_h, out_w = int(size[0]), int(size[1])
     if out_h <= 0 or out_w <= 0:
@@ -45,9 +62,7 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (in_h, in_w) == (out_h, out_w):
         return x.copy()
     dtype = x.dtype
-    hi0, hi1, hw0, hw1 = axis_weights(in_h, out_h)
-    wi0, wi1, ww0, ww1 = axis_weights(in_w, out_w)
-    # rows first, then columns; weights broadcast over the leading axes
-    rows = x[..., hi0, :] * hw0[:, None].astype(dtype) + x[..., hi1, :] * hw1[:, None].astype(dtype)  # [..., out_h, W]
-    out = rows[..., wi0] * ww0.astype(dtype) + rows[..., wi1] * ww1.astype(dtype)  # [..., out_h, out_w]
+    rows = interpolation_matrix(in_h, out_h).astype(dtype, copy=False)  # [out_h, H]
+    cols = interpolation_matrix(in_w, out_w).astype(dtype, copy=False)  # [out_w, W]
+    out = np.matmul(np.matmul(rows, x), cols.T)  # [..., out_h, out_w]
     return out.astype(dtype, copy=False)
