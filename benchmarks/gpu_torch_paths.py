@@ -23,54 +23,16 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-
-def _time_cuda(fn, iters: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
-def _time_cpu(fn, iters: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t))
-    return times
-
-
-def _stats(times: list[float]) -> dict[str, float]:
-    q = sorted(times)
-    return {"median_ms": statistics.median(q), "p90_ms": q[min(len(q) - 1, int(0.9 * len(q)))], "n": len(q)}
+from gsnet_deploy.bench.latency import measure_matmul_tflops, time_cuda, time_host, timing_stats
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
-
-
-def _matmul_tflops(iters: int = 20) -> float:
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    ms = statistics.median(_time_cuda(lambda: a @ b, iters))
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def _reference_model(ref_dir: Path, ours, pooling: int):
@@ -148,7 +110,7 @@ def main() -> int:
     dry = args.dry_run or not torch.cuda.is_available()
     dev = "cpu" if dry else "cuda"
     cfg = tiny_cfg() if dry else paper_cfg()
-    timer = _time_cpu if dry else _time_cuda
+    timer = (lambda fn, n: time_host(fn, n, 1)) if dry else (lambda fn, n: time_cuda(fn, n, 3))
     iters = 2 if dry else args.iters
     results: dict = {
         "date": datetime.date.today().isoformat(),
@@ -163,7 +125,7 @@ def main() -> int:
 
         results["versions"]["triton"] = triton.__version__
         results["versions"]["cuda"] = torch.version.cuda
-        results["matmul_fp16_tflops"] = _matmul_tflops()
+        results["matmul_fp16_tflops"] = measure_matmul_tflops()
         print(f"measured fp16 matmul: {results['matmul_fp16_tflops']:.0f} TFLOP/s", flush=True)
 
     torch.manual_seed(0)
@@ -174,12 +136,12 @@ def main() -> int:
         fp32_model = build_gsnet(cfg)
         with TorchBackend(fp32_model, device=dev, cuda_graphs=False) as be:
             ref_logits = be.image.forward(images, text).float()
-            runs["ours eager fp32"] = _stats(timer(lambda: be.image.forward(images, text), iters))
+            runs["ours eager fp32"] = timing_stats(timer(lambda: be.image.forward(images, text), iters))
             if args.reference is not None and not dry:
                 try:
                     reference = _reference_model(args.reference, fp32_model, 1)
                     off = reference(images, text)
-                    runs["reference eager fp32"] = _stats(timer(lambda: reference(images, text), iters))
+                    runs["reference eager fp32"] = timing_stats(timer(lambda: reference(images, text), iters))
                     runs["reference eager fp32"]["max_abs_vs_ours_fp32"] = float((off - ref_logits).abs().max())
                     del reference
                 except Exception as exc:
@@ -201,7 +163,7 @@ def main() -> int:
                         cv._kernel_applies = lambda tensors: False
                     with TorchBackend(build_gsnet(cfg), device=dev, precision=TorchPrecision.FP16, **kw) as be:
                         out = be.image.forward(images, text).float()
-                        entry = _stats(timer(lambda: be.image.forward(images, text), iters))
+                        entry = timing_stats(timer(lambda: be.image.forward(images, text), iters))
                         entry["rel_l2_vs_fp32"] = _rel_l2(out, ref_logits)
                         if n == args.classes[-1] and kw["cuda_graphs"] and use_kernel:
                             big = torch.rand(8, 3, 384, 384, device=dev) * 255

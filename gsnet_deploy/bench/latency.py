@@ -352,11 +352,11 @@ def measure_matmul_tflops(iters: int = 20, n: int = 8192) -> float:
 
     a = torch.randn(n, n, device="cuda", dtype=torch.float16)
     b = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    ms = statistics.median(_time_cuda(lambda: a @ b, iters, warmup=3))
+    ms = statistics.median(time_cuda(lambda: a @ b, iters, warmup=3))
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def _time_cuda(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
+def time_cuda(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
     """CUDA-event milliseconds of ``fn`` per call, after ``warmup`` untimed calls."""
     import torch
 
@@ -374,7 +374,7 @@ def _time_cuda(fn: Callable[[], object], iters: int, warmup: int) -> list[float]
     return times
 
 
-def _time_host(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
+def time_host(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
     """Wall-clock milliseconds of ``fn`` per call (``fn`` returns host arrays, so it has synchronized)."""
     for _ in range(warmup):
         fn()
@@ -482,13 +482,13 @@ def measure_variant(spec: VariantSpec, options: LatencyOptions, log: Callable[[s
 
             for _ in range(warmup):
                 one_image(False)
-            image_times = _time_host(lambda: one_image(True), iters, warmup=0)
+            image_times = time_host(lambda: one_image(True), iters, warmup=0)
             entry: dict[str, Any] = {"image": timing_stats(image_times), "text_encoder_once_ms": text_ms,
                                      "stages_median_ms": {k: statistics.median(v) for k, v in stages.items()}}  # fmt: skip
             if spec.engine is Engine.TORCH and on_cuda:
                 views_dev = torch.from_numpy(paper_views(rgb).views).to("cuda")  # [5, 3, 384, 384]
                 text_dev = torch.from_numpy(text).to("cuda")  # [N, 512]
-                graph = _time_cuda(partial(backend.image.forward, views_dev, text_dev), iters, warmup)
+                graph = time_cuda(partial(backend.image.forward, views_dev, text_dev), iters, warmup)
                 entry["graph"] = {**timing_stats(graph), "timer": "CUDA events, device tensors"}
             else:
                 entry["graph"] = {**timing_stats(stages["image_graph"]), "timer": "host wall clock, host arrays"}
@@ -513,10 +513,10 @@ def _measure_tiled(spec: VariantSpec, backend: Any, iters: int, warmup: int) -> 
         import torch
 
         views_dev, text_dev = torch.from_numpy(views).to("cuda"), torch.from_numpy(text).to("cuda")
-        times = _time_cuda(lambda: backend.image.forward(views_dev, text_dev), iters, warmup)
+        times = time_cuda(lambda: backend.image.forward(views_dev, text_dev), iters, warmup)
         timer = "CUDA events, device tensors"
     else:
-        times = _time_host(lambda: backend.image.run({IMAGES: views, TEXT_EMBEDS: text}), iters, warmup)
+        times = time_host(lambda: backend.image.run({IMAGES: views, TEXT_EMBEDS: text}), iters, warmup)
         timer = "host wall clock, host arrays"
     stats = timing_stats(times)
     return {**stats, "views": TILED_BATCH, "classes": TILED_CLASSES, "views_per_s": TILED_BATCH / (stats["median_ms"] * 1e-3),
