@@ -119,9 +119,7 @@ def save_onnx_atomic(model: onnx.ModelProto, path: Path) -> Path:
         tmp_model = Path(tmp) / path.name
         if model.ByteSize() > _PROTOBUF_LIMIT:
             data_name = f"{path.name}.data"
-            onnx.save_model(
-                model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
-            )
+            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
             os.replace(Path(tmp) / data_name, path.parent / data_name)
         else:
             onnx.save_model(model, tmp_model)
@@ -178,8 +176,10 @@ def make_fp16_onnx(
                     op_types_to_exclude=list(op_types_to_exclude) or None,
                     providers=["cpu"],
                 )
-        except (ValueError, RuntimeError, AssertionError) as err:
+        except Exception as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise ExportError(
-                f"ModelOpt AutoCast could not convert {src} to FP16 ({err}); check the ONNX model."
+                f"ModelOpt AutoCast could not convert {src} to FP16 ({first}); "
+                "retry with another --classes-opt or report the ONNX model."
             ) from err
     return save_onnx_atomic(drop_ambiguous_dims(model), dst)
