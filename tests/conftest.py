@@ -59,3 +59,15 @@ def tiny_onnx_dir(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_onnx") / "onnx"
     export_onnx(tiny_model, out, supported_ops=_trt_supported_ops())
     return out
+
+
+@pytest.fixture(scope="session")
+def standin_graphs():
+    """The module ``tests/calib/standin_graphs.py``: small ONNX graphs with the real IO names (tests has no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("standin_graphs", Path(__file__).parent / "calib" / "standin_graphs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -50,6 +50,7 @@ import numpy as np
 from gsnet_deploy.backends import ModelSize
 from gsnet_deploy.errors import BackendError, GSNetError
 from gsnet_deploy.io_names import IMAGES, LOGITS, TEXT_EMBEDS, TEXT_TOKENS
+from gsnet_deploy.tensorrt_import import find_tensorrt
 
 PAPER_VIEWS = 5  # views per image under the paper protocol
 TILED_BATCH = 8  # views per batch in tiled mode's benchmark
@@ -188,10 +189,7 @@ def tensorrt_problem() -> str | None:
     """Why TensorRT cannot run here, or None when a real TensorRT (with ``Builder``) and cuda-python import."""
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed"
-    import tensorrt
-
-    # NOTE: tensorrt-stubs ships only .pyi files, so 'import tensorrt' can succeed as an empty namespace package
-    if not hasattr(tensorrt, "Builder"):
+    if find_tensorrt() is None:
         return "only TensorRT type stubs are installed (no libraries)"
     if importlib.util.find_spec("cuda") is None:
         return "cuda-python is not installed (pip install cuda-python)"

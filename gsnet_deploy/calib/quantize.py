@@ -71,9 +71,7 @@ def qdq_placement(model_path: Path) -> tuple[list[str], list[str]]:
     weights = {init.name for init in model.graph.initializer}
     weights |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     activation_matmuls = [
-        node.name
-        for node in model.graph.node
-        if node.op_type == "MatMul" and not weights.intersection(node.input[:2])
+        node.name for node in model.graph.node if node.op_type == "MatMul" and not weights.intersection(node.input[:2])
     ]
     return list(QUANTIZED_OP_TYPES), [*SENSITIVE_NODES, *(re.escape(n) + "$" for n in activation_matmuls)]
 
@@ -101,9 +99,7 @@ class _FeedReader:
         return len(self._feeds)
 
 
-def image_graph_feeds(
-    views: np.ndarray, text_embeds: np.ndarray, batch: int = NUM_VIEWS
-) -> list[dict[str, np.ndarray]]:
+def image_graph_feeds(views: np.ndarray, text_embeds: np.ndarray, batch: int = NUM_VIEWS) -> list[dict[str, np.ndarray]]:
     """Split calibration views into image-graph feeds of ``batch`` views, each with all text embeddings.
 
     Args:
@@ -117,13 +113,9 @@ def image_graph_feeds(
 
     """
     if views.ndim != 4 or views.shape[0] == 0:
-        raise ExportError(
-            f"Calibration views must be a non-empty [V, 3, H, W] array, got shape {views.shape}."
-        )
+        raise ExportError(f"Calibration views must be a non-empty [V, 3, H, W] array, got shape {views.shape}.")
     if text_embeds.ndim != 2 or text_embeds.shape[0] == 0:
-        raise ExportError(
-            f"Calibration text embeddings must be a non-empty [N, D] array, got shape {text_embeds.shape}."
-        )
+        raise ExportError(f"Calibration text embeddings must be a non-empty [N, D] array, got shape {text_embeds.shape}.")
     embeds = np.ascontiguousarray(text_embeds, dtype=np.float32)
     return [
         {
@@ -140,13 +132,9 @@ def reference_text_embeds(onnx_dir: Path, tokens: np.ndarray) -> np.ndarray:
 
     path = Path(onnx_dir) / io_names.TEXT_GRAPH_FILE
     if not path.is_file():
-        raise ExportError(
-            f"Text graph {path} does not exist; run `gsnet export onnx --out {onnx_dir}` first."
-        )
+        raise ExportError(f"Text graph {path} does not exist; run `gsnet export onnx --out {onnx_dir}` first.")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (embeds,) = session.run(
-        [io_names.TEXT_EMBEDS], {io_names.TEXT_TOKENS: np.asarray(tokens, dtype=np.int64)}
-    )
+    (embeds,) = session.run([io_names.TEXT_EMBEDS], {io_names.TEXT_TOKENS: np.asarray(tokens, dtype=np.int64)})
     return np.asarray(embeds, dtype=np.float32)
 
 
@@ -165,8 +153,7 @@ def read_model_digest(onnx_dir: Path) -> str:
         return str(payload["model_digest"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ExportError(
-            f"ONNX folder manifest {path} is missing or has no model_digest ({err}); re-run `gsnet export "
-            "onnx`."
+            f"ONNX folder manifest {path} is missing or has no model_digest ({err}); re-run `gsnet export onnx`."
         ) from err
 
 
@@ -214,9 +201,7 @@ def quantize_image_graph(
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     src = onnx_dir / io_names.IMAGE_GRAPH_FILE
     if not src.is_file():
-        raise ExportError(
-            f"Image graph {src} does not exist; run `gsnet export onnx --out {onnx_dir}` first."
-        )
+        raise ExportError(f"Image graph {src} does not exist; run `gsnet export onnx --out {onnx_dir}` first.")
     digest = read_model_digest(onnx_dir)
     feeds = image_graph_feeds(views, text_embeds)
     op_types, excluded = qdq_placement(src)
@@ -239,9 +224,7 @@ def quantize_image_graph(
                     log_level="WARNING",
                 )
         except (ValueError, RuntimeError, AssertionError) as err:
-            raise ExportError(
-                f"ModelOpt INT8 quantization of {src} failed ({err}); check the ONNX model."
-            ) from err
+            raise ExportError(f"ModelOpt INT8 quantization of {src} failed ({err}); check the ONNX model.") from err
         if not tmp_out.is_file():
             raise ExportError(f"ModelOpt wrote no quantized model for {src}; check the log above.")
         os.replace(tmp_out, dst)

@@ -45,9 +45,7 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            raise ImageError(
-                f"Calibration image path {path} does not exist; pass image files or a folder of images."
-            )
+            raise ImageError(f"Calibration image path {path} does not exist; pass image files or a folder of images.")
     if not found:
         raise ImageError(
             f"No images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))}; pass a folder "
@@ -104,9 +102,7 @@ def calibration_views(images: Sequence[Path] | None, max_images: int = 32) -> np
 
     """
     if max_images < 1:
-        raise ImageError(
-            f"max_images must be at least 1, got {max_images}; pass a positive number of images."
-        )
+        raise ImageError(f"max_images must be at least 1, got {max_images}; pass a positive number of images.")
     if images:
         rgbs = [load_image(p).rgb for p in _evenly_spaced(find_images(images), max_images)]
     else:

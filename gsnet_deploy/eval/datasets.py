@@ -125,12 +125,28 @@ POTSDAM = DatasetSpec(
 FLOODNET = DatasetSpec(
     name=DatasetName.FLOODNET,
     stuff_classes=(
-        "Background", "building-flooded", "building-non-flooded", "road-flooded",
-        "road-non-flooded", "water", "tree", "vehicle", "pool", "grass",
+        "Background",
+        "building-flooded",
+        "building-non-flooded",
+        "road-flooded",
+        "road-non-flooded",
+        "water",
+        "tree",
+        "vehicle",
+        "pool",
+        "grass",
     ),
     vocabulary=(
-        "Background", "building-flooded", "building-non-flooded", "road-flooded",
-        "road-non-flooded", "water", "tree", "vehicle", "pool", "grass",
+        "Background",
+        "building-flooded",
+        "building-non-flooded",
+        "road-flooded",
+        "road-non-flooded",
+        "water",
+        "tree",
+        "vehicle",
+        "pool",
+        "grass",
     ),
     ignore_label=0,
     excluded_classes=(0,),
@@ -146,13 +162,32 @@ FLOODNET = DatasetSpec(
 FLAIR = DatasetSpec(
     name=DatasetName.FLAIR,
     stuff_classes=(
-        "building", "pervious surface", "impervious surface", "bare soil", "water", "coniferous",
-        "deciduous", "brushwood", "vineyard", "herbaceous vegetation", "agricultural land",
-        "plowed land", "other",
+        "building",
+        "pervious surface",
+        "impervious surface",
+        "bare soil",
+        "water",
+        "coniferous",
+        "deciduous",
+        "brushwood",
+        "vineyard",
+        "herbaceous vegetation",
+        "agricultural land",
+        "plowed land",
+        "other",
     ),
     vocabulary=(
-        "building", "pervious-surface", "impervious-surface", "bare soil", "water", "coniferous",
-        "deciduous", "brushwood", "vineyard", "herbaceous vegetation", "agricultural land",
+        "building",
+        "pervious-surface",
+        "impervious-surface",
+        "bare soil",
+        "water",
+        "coniferous",
+        "deciduous",
+        "brushwood",
+        "vineyard",
+        "herbaceous vegetation",
+        "agricultural land",
         "plowed land",
     ),
     ignore_label=12,
@@ -167,12 +202,43 @@ FLAIR = DatasetSpec(
 )
 
 _FAST_CLASSES = (
-    "A220", "A321", "A330", "A350", "ARJ21", "Baseball-Field", "Basketball-Court", "Boeing737",
-    "Boeing747", "Boeing777", "Boeing787", "Bridge", "Bus", "C919", "Cargo-Truck",
-    "Dry-Cargo-Ship", "Dump-Truck", "Engineering-Ship", "Excavator", "Fishing-Boat",
-    "Football-Field", "Intersection", "Liquid-Cargo-Ship", "Motorboat", "other-airplane",
-    "other-ship", "other-vehicle", "Passenger-Ship", "Roundabout", "Small-Car", "Tennis-Court",
-    "Tractor", "Trailer", "Truck-Tractor", "Tugboat", "Van", "Warship",
+    "A220",
+    "A321",
+    "A330",
+    "A350",
+    "ARJ21",
+    "Baseball-Field",
+    "Basketball-Court",
+    "Boeing737",
+    "Boeing747",
+    "Boeing777",
+    "Boeing787",
+    "Bridge",
+    "Bus",
+    "C919",
+    "Cargo-Truck",
+    "Dry-Cargo-Ship",
+    "Dump-Truck",
+    "Engineering-Ship",
+    "Excavator",
+    "Fishing-Boat",
+    "Football-Field",
+    "Intersection",
+    "Liquid-Cargo-Ship",
+    "Motorboat",
+    "other-airplane",
+    "other-ship",
+    "other-vehicle",
+    "Passenger-Ship",
+    "Roundabout",
+    "Small-Car",
+    "Tennis-Court",
+    "Tractor",
+    "Trailer",
+    "Truck-Tractor",
+    "Tugboat",
+    "Van",
+    "Warship",
 )
 
 FAST = DatasetSpec(
@@ -237,16 +303,19 @@ def resolve_dataset_dir(spec: DatasetSpec, root: Path) -> Path:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"Dataset root {str(root)!r} is not a folder; pass --root the folder holding "
-                           f"{spec.dataset_dirs[0]!r}.")
+        raise DatasetError(
+            f"Dataset root {str(root)!r} is not a folder; pass --root the folder holding {spec.dataset_dirs[0]!r}."
+        )
     candidates = [root / d for d in spec.dataset_dirs] + [root]
     for cand in candidates:
         if (cand / spec.image_dir).is_dir():
             return cand
     tried = ", ".join(repr(str(c / spec.image_dir)) for c in candidates)
-    raise DatasetError(f"Image folder of {spec.name.value} not found (tried {tried}); download the "
-                       f"official preprocessed test set and pass --root the folder holding "
-                       f"{spec.dataset_dirs[0]!r}.")
+    raise DatasetError(
+        f"Image folder of {spec.name.value} not found (tried {tried}); download the "
+        f"official preprocessed test set and pass --root the folder holding "
+        f"{spec.dataset_dirs[0]!r}."
+    )
 
 
 def _mask_dir(spec: DatasetSpec, dataset_dir: Path) -> Path:
@@ -254,8 +323,9 @@ def _mask_dir(spec: DatasetSpec, dataset_dir: Path) -> Path:
         if (dataset_dir / rel).is_dir():
             return dataset_dir / rel
     tried = ", ".join(repr(str(dataset_dir / rel)) for rel in spec.mask_dirs)
-    raise DatasetError(f"Mask folder of {spec.name.value} not found (tried {tried}); restore the "
-                       f"mask folder of the official test set.")
+    raise DatasetError(
+        f"Mask folder of {spec.name.value} not found (tried {tried}); restore the mask folder of the official test set."
+    )
 
 
 def _files_with_ext(folder: Path, ext: str) -> list[Path]:
@@ -282,16 +352,14 @@ def list_pairs(spec: DatasetSpec, root: Path) -> list[SamplePair]:
     mask_dir = _mask_dir(spec, dataset_dir)
     images = _files_with_ext(image_dir, spec.image_ext)
     if not images:
-        raise DatasetError(f"No {spec.image_ext} image in {str(image_dir)!r}; check --root and the "
-                           f"{spec.name.value} layout.")
+        raise DatasetError(f"No {spec.image_ext} image in {str(image_dir)!r}; check --root and the {spec.name.value} layout.")
     masks = {p.stem: p for p in _files_with_ext(mask_dir, spec.mask_ext)}
     pairs: list[SamplePair] = []
     for image in images:
         mask = next((masks[image.stem + s] for s in spec.mask_suffixes if image.stem + s in masks), None)
         if mask is None:
             want = str(mask_dir / (image.stem + spec.mask_suffixes[0] + spec.mask_ext))
-            raise DatasetError(f"Image {str(image)!r} has no mask (expected {want!r}); restore the mask "
-                               f"or remove the image.")
+            raise DatasetError(f"Image {str(image)!r} has no mask (expected {want!r}); restore the mask or remove the image.")
         pairs.append(SamplePair(image=image, mask=mask))
     return pairs
 
@@ -329,19 +397,18 @@ def _read_mask_array(path: Path) -> np.ndarray:
             return np.array(img)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as pil_exc:
         if path.suffix.lower() not in (".tif", ".tiff"):
-            raise ImageError(f"Cannot read mask {str(path)!r} ({pil_exc}); replace or remove the "
-                             f"file.") from pil_exc
+            raise ImageError(f"Cannot read mask {str(path)!r} ({pil_exc}); replace or remove the file.") from pil_exc
         try:
             import rasterio  # NOTE: optional, only for TIFF masks Pillow cannot decode.
         except ImportError:
-            raise ImageError(f"Cannot read mask {str(path)!r} with Pillow ({pil_exc}); install "
-                             f"rasterio or convert the mask to PNG.") from pil_exc
+            raise ImageError(
+                f"Cannot read mask {str(path)!r} with Pillow ({pil_exc}); install rasterio or convert the mask to PNG."
+            ) from pil_exc
         try:
             with rasterio.open(path) as ds:
                 return ds.read(1)
         except rasterio.errors.RasterioError as exc:
-            raise ImageError(f"Cannot read mask {str(path)!r} ({exc}); replace or remove the "
-                             f"file.") from exc
+            raise ImageError(f"Cannot read mask {str(path)!r} ({exc}); replace or remove the file.") from exc
 
 
 def read_mask(path: Path, spec: DatasetSpec) -> np.ndarray:
@@ -363,19 +430,19 @@ def read_mask(path: Path, spec: DatasetSpec) -> np.ndarray:
     """
     raw = _read_mask_array(Path(path))
     if raw.ndim != 2:
-        raise DatasetError(f"Mask {str(path)!r} has shape {raw.shape}, not [H, W]; masks must be "
-                           f"single-channel label images.")
+        raise DatasetError(f"Mask {str(path)!r} has shape {raw.shape}, not [H, W]; masks must be single-channel label images.")
     if not np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.bool_:
-        raise DatasetError(f"Mask {str(path)!r} has dtype {raw.dtype}, not an integer type; masks must "
-                           f"hold class indices.")
+        raise DatasetError(f"Mask {str(path)!r} has dtype {raw.dtype}, not an integer type; masks must hold class indices.")
     mask = raw.astype(np.int64)
     bad = (mask < 0) | ((mask >= spec.num_classes) & (mask != spec.ignore_label))
     if bad.any():
         values = np.unique(mask[bad])
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-        raise DatasetError(f"Mask {str(path)!r} holds label values {shown} outside the "
-                           f"{spec.num_classes} classes of {spec.name.value} (0..{spec.num_classes - 1}, "
-                           f"ignore {spec.ignore_label}); check that --dataset matches the data.")
+        raise DatasetError(
+            f"Mask {str(path)!r} holds label values {shown} outside the "
+            f"{spec.num_classes} classes of {spec.name.value} (0..{spec.num_classes - 1}, "
+            f"ignore {spec.ignore_label}); check that --dataset matches the data."
+        )
     return mask
 
 
@@ -391,5 +458,7 @@ def check_mask_size(image: np.ndarray, mask: np.ndarray, mask_path: Path) -> Non
         DatasetError: If ``(H, W) != (H', W')``.
     """
     if image.shape[:2] != mask.shape:
-        raise DatasetError(f"Mask {str(mask_path)!r} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                           f"{image.shape[1]}x{image.shape[0]} (WxH); masks must match their image size.")
+        raise DatasetError(
+            f"Mask {str(mask_path)!r} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{image.shape[1]}x{image.shape[0]} (WxH); masks must match their image size."
+        )

@@ -107,5 +107,4 @@ def compute_metrics(matrix: np.ndarray, exclude: Sequence[int] = ()) -> SegMetri
     macc = float(acc[in_mean].mean()) if in_mean.any() else float("nan")
     fwiou = float((iou[in_mean] * pos_gt[in_mean] / total_gt).sum()) if total_gt > 0 else float("nan")
     pacc = float(tp.sum() / total_gt) if total_gt > 0 else float("nan")
-    return SegMetrics(iou=100 * iou, acc=100 * acc, miou=100 * miou, macc=100 * macc,
-                      fwiou=100 * fwiou, pacc=100 * pacc)
+    return SegMetrics(iou=100 * iou, acc=100 * acc, miou=100 * miou, macc=100 * macc, fwiou=100 * fwiou, pacc=100 * pacc)

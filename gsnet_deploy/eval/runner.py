@@ -134,8 +134,10 @@ class EvalReport:
         cols = names + (["delta"] if self.comparison else []) + ["paper"]
         width = max([len(c) for c in self.class_names] + [len("pixel accuracy")]) + len(" (excluded)")
         colw = max([8] + [len(c) + 1 for c in cols])
-        header = (f"{self.dataset}: {self.num_evaluated} images evaluated, {len(self.skipped)} skipped "
-                  f"(ignore label {self.ignore_label}; IoU in %)")
+        header = (
+            f"{self.dataset}: {self.num_evaluated} images evaluated, {len(self.skipped)} skipped "
+            f"(ignore label {self.ignore_label}; IoU in %)"
+        )
         lines = [header]
         lines.append("class".ljust(width) + "".join(c.rjust(colw) for c in cols))
         lines.append("-" * (width + colw * len(cols)))
@@ -154,12 +156,16 @@ class EvalReport:
             row = "".join(_fmt(v, signed=(j == len(names))).rjust(colw) for j, v in enumerate(cells))
             paper = _fmt(self.paper_miou) if attr == "miou" else ""
             lines.append(label.ljust(width) + row + paper.rjust(colw))
-        lines.append("paper: GSNet's Table 2 mIoU with the official checkpoint (not measured here); "
-                     "'-': class without labelled pixels, left out of the mean.")
+        lines.append(
+            "paper: GSNet's Table 2 mIoU with the official checkpoint (not measured here); "
+            "'-': class without labelled pixels, left out of the mean."
+        )
         if self.comparison:
             c = self.comparison
-            lines.append(f"pixel agreement {c.a} vs {c.b}: {_fmt(c.pixel_agreement)} % of all pixels, "
-                         f"{_fmt(c.valid_pixel_agreement)} % of labelled pixels; delta = {c.b} - {c.a}.")
+            lines.append(
+                f"pixel agreement {c.a} vs {c.b}: {_fmt(c.pixel_agreement)} % of all pixels, "
+                f"{_fmt(c.valid_pixel_agreement)} % of labelled pixels; delta = {c.b} - {c.a}."
+            )
         speed = ", ".join(f"{r.name} {r.images_per_second:.2f} img/s" for r in self.results)
         lines.append(f"speed: {speed} (predictor only); {self.images_per_second:.2f} img/s overall.")
         for s in self.skipped:
@@ -205,24 +211,34 @@ def write_report(report: EvalReport, path: Path) -> None:
         raise
 
 
-def _check_prediction(pred: Any, name: str, shape: tuple[int, int], num_classes: int,
-                      image: Path) -> np.ndarray:
+def _check_prediction(pred: Any, name: str, shape: tuple[int, int], num_classes: int, image: Path) -> np.ndarray:
     if not isinstance(pred, np.ndarray) or pred.shape != shape:
         got = getattr(pred, "shape", type(pred).__name__)
-        raise BackendError(f"Predictor {name!r} returned {got} for {str(image)!r}, expected a class map "
-                           f"of shape {shape}; it must return an integer [H, W] array.")
+        raise BackendError(
+            f"Predictor {name!r} returned {got} for {str(image)!r}, expected a class map "
+            f"of shape {shape}; it must return an integer [H, W] array."
+        )
     if not np.issubdtype(pred.dtype, np.integer):
-        raise BackendError(f"Predictor {name!r} returned dtype {pred.dtype} for {str(image)!r}; it must "
-                           f"return integer class indices (argmax of the logits).")
+        raise BackendError(
+            f"Predictor {name!r} returned dtype {pred.dtype} for {str(image)!r}; it must "
+            f"return integer class indices (argmax of the logits)."
+        )
     lo, hi = (int(pred.min()), int(pred.max())) if pred.size else (0, 0)
     if lo < 0 or hi >= num_classes:
-        raise BackendError(f"Predictor {name!r} returned class indices {lo}..{hi} for {str(image)!r}, "
-                           f"outside 0..{num_classes - 1}; pass the dataset's vocabulary as classes.")
+        raise BackendError(
+            f"Predictor {name!r} returned class indices {lo}..{hi} for {str(image)!r}, "
+            f"outside 0..{num_classes - 1}; pass the dataset's vocabulary as classes."
+        )
     return pred
 
 
-def evaluate(spec: DatasetSpec, pairs: Sequence[SamplePair], predictors: Mapping[str, Predictor],
-             limit: int | None = None, progress: bool = True) -> EvalReport:
+def evaluate(
+    spec: DatasetSpec,
+    pairs: Sequence[SamplePair],
+    predictors: Mapping[str, Predictor],
+    limit: int | None = None,
+    progress: bool = True,
+) -> EvalReport:
     """Run predictors over a benchmark and compute detectron2-style metrics.
 
     Args:
@@ -244,8 +260,10 @@ def evaluate(spec: DatasetSpec, pairs: Sequence[SamplePair], predictors: Mapping
             from its image, or a mask holds labels outside the class list.
     """
     if len(predictors) not in (1, 2):
-        raise BackendError(f"evaluate takes one predictor or two to compare, got {len(predictors)} "
-                           f"({', '.join(predictors)}); pass one backend or --compare A B.")
+        raise BackendError(
+            f"evaluate takes one predictor or two to compare, got {len(predictors)} "
+            f"({', '.join(predictors)}); pass one backend or --compare A B."
+        )
     if limit is not None and limit < 1:
         raise DatasetError(f"--limit is {limit}; pass a positive number of images.")
     selected = list(pairs)[:limit] if limit is not None else list(pairs)
@@ -258,8 +276,7 @@ def evaluate(spec: DatasetSpec, pairs: Sequence[SamplePair], predictors: Mapping
 
     from tqdm import tqdm
 
-    bar = tqdm(selected, desc=f"eval {spec.name.value}", unit="img", disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(selected, desc=f"eval {spec.name.value}", unit="img", disable=not progress, file=sys.stderr)
     start = time.perf_counter()
     for sample in bar:
         try:
@@ -293,33 +310,52 @@ def evaluate(spec: DatasetSpec, pairs: Sequence[SamplePair], predictors: Mapping
 
     evaluated = len(selected) - len(skipped)
     if evaluated == 0:
-        raise DatasetError(f"No sample of {spec.name.value} could be read ({len(skipped)} skipped, first: "
-                           f"{skipped[0].path if skipped else 'none listed'}); check the dataset files.")
+        raise DatasetError(
+            f"No sample of {spec.name.value} could be read ({len(skipped)} skipped, first: "
+            f"{skipped[0].path if skipped else 'none listed'}); check the dataset files."
+        )
 
     results = []
     for n in names:
         m = compute_metrics(matrices[n].matrix, exclude=spec.excluded_classes)
-        results.append(PredictorResult(
-            name=n, miou=m.miou, macc=m.macc, fwiou=m.fwiou, pacc=m.pacc,
-            iou=[float(v) for v in m.iou], acc=[float(v) for v in m.acc],
-            confusion_matrix=matrices[n].matrix.tolist(), predict_seconds=seconds[n],
-            images_per_second=evaluated / seconds[n] if seconds[n] > 0 else float("nan"),
-        ))
+        results.append(
+            PredictorResult(
+                name=n,
+                miou=m.miou,
+                macc=m.macc,
+                fwiou=m.fwiou,
+                pacc=m.pacc,
+                iou=[float(v) for v in m.iou],
+                acc=[float(v) for v in m.acc],
+                confusion_matrix=matrices[n].matrix.tolist(),
+                predict_seconds=seconds[n],
+                images_per_second=evaluated / seconds[n] if seconds[n] > 0 else float("nan"),
+            )
+        )
 
     comparison = None
     if len(results) == 2:
         ra, rb = results
         comparison = Comparison(
-            a=ra.name, b=rb.name, miou_delta=rb.miou - ra.miou,
+            a=ra.name,
+            b=rb.name,
+            miou_delta=rb.miou - ra.miou,
             iou_delta=[b - a for a, b in zip(ra.iou, rb.iou)],  # NaN propagates
             pixel_agreement=100.0 * agree / total if total else float("nan"),
             valid_pixel_agreement=100.0 * agree_valid / total_valid if total_valid else float("nan"),
         )
 
     return EvalReport(
-        dataset=spec.name.value, class_names=list(spec.stuff_classes), ignore_label=spec.ignore_label,
-        excluded_classes=list(spec.excluded_classes), paper_miou=spec.paper_miou,
-        num_listed=len(selected), num_evaluated=evaluated, skipped=skipped, results=results,
-        comparison=comparison, wall_seconds=wall,
+        dataset=spec.name.value,
+        class_names=list(spec.stuff_classes),
+        ignore_label=spec.ignore_label,
+        excluded_classes=list(spec.excluded_classes),
+        paper_miou=spec.paper_miou,
+        num_listed=len(selected),
+        num_evaluated=evaluated,
+        skipped=skipped,
+        results=results,
+        comparison=comparison,
+        wall_seconds=wall,
         images_per_second=evaluated / wall if wall > 0 else float("nan"),
     )

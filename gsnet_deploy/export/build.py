@@ -121,12 +121,8 @@ def select_build_path(trt_version: Sequence[int], precision: Precision) -> Build
         table = {Precision.FP16: (fp16, fp16), Precision.INT8: (fp32, int8), Precision.BEST: (fp16, best)}
     else:
         weak = f"weakly typed (TensorRT {shown})"
-        fp16 = GraphPlan(
-            OnnxVariant.FP32, BuildFlags(False, fp16=True), f"{weak} from the FP32 ONNX with BuilderFlag.FP16"
-        )
-        fp32 = GraphPlan(
-            OnnxVariant.FP32, BuildFlags(False), f"{weak} from the FP32 ONNX, no precision flags"
-        )
+        fp16 = GraphPlan(OnnxVariant.FP32, BuildFlags(False, fp16=True), f"{weak} from the FP32 ONNX with BuilderFlag.FP16")
+        fp32 = GraphPlan(OnnxVariant.FP32, BuildFlags(False), f"{weak} from the FP32 ONNX, no precision flags")
         int8 = GraphPlan(
             OnnxVariant.INT8,
             BuildFlags(False, int8=True),
@@ -175,9 +171,7 @@ def resolve_dla(
         return None
     shown = ".".join(map(str, trt_version))
     if dla_core < 0:
-        raise EngineBuildError(
-            f"--dla-core must be 0 or more, got {dla_core}; pass a DLA core index such as 0."
-        )
+        raise EngineBuildError(f"--dla-core must be 0 or more, got {dla_core}; pass a DLA core index such as 0.")
     if tuple(trt_version)[:1] >= (11,) and not has_dla_device_type:
         raise EngineBuildError(
             f"TensorRT {shown} has no DLA support (removed from most 11.x releases); drop --dla-core or "
@@ -192,8 +186,7 @@ def resolve_dla(
         )
     if dla_core >= num_dla_cores:
         raise EngineBuildError(
-            f"--dla-core {dla_core} does not exist; this device has {num_dla_cores} DLA core(s), pass "
-            f"0..{num_dla_cores - 1}."
+            f"--dla-core {dla_core} does not exist; this device has {num_dla_cores} DLA core(s), pass 0..{num_dla_cores - 1}."
         )
     return dla_core
 
@@ -258,9 +251,7 @@ def profile_for(inputs: Mapping[str, Sequence[int | str]], dims: Mapping[str, Di
                     f"dynamic axes of gsnet_deploy.io_names ({', '.join(dims)})."
                 )
             ranges.append(dims[str(dim)])
-        shapes[name] = ShapeRange(
-            tuple(r.min for r in ranges), tuple(r.opt for r in ranges), tuple(r.max for r in ranges)
-        )
+        shapes[name] = ShapeRange(tuple(r.min for r in ranges), tuple(r.opt for r in ranges), tuple(r.max for r in ranges))
     return Profile(shapes=shapes)
 
 
@@ -346,9 +337,7 @@ def _make_variants(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", CalibrationDataWarning)
                     views = calibration_views(None, max_images=2)
-                notes.append(
-                    "AutoCast's reference run used the example images (pass --calib DIR for real imagery)"
-                )
+                notes.append("AutoCast's reference run used the example images (pass --calib DIR for real imagery)")
         return views, embeds
 
     for graph in Graph:
@@ -395,8 +384,13 @@ def _make_variants(
             keep_fp32 = QDQ_OP_TYPES if variant is OnnxVariant.INT8_FP16 else ()
             paths[graph][variant] = make_fp16_onnx(src, dst, reference_feeds=feeds, op_types_to_exclude=keep_fp32)
             _write_sidecar(
-                dst, {"model_digest": digest, "made_from": src.name, "made_by": "ModelOpt AutoCast fp16",
-                 "kept_fp32_op_types": list(keep_fp32)}
+                dst,
+                {
+                    "model_digest": digest,
+                    "made_from": src.name,
+                    "made_by": "ModelOpt AutoCast fp16",
+                    "kept_fp32_op_types": list(keep_fp32),
+                },
             )
     return paths
 
@@ -484,8 +478,7 @@ def build_engines(
     for graph in Graph:
         if not (onnx_dir / f"{graph.value}.onnx").is_file():
             raise ExportError(
-                f"{onnx_dir / (graph.value + '.onnx')} does not exist; run `gsnet export onnx --out "
-                f"{onnx_dir}` first."
+                f"{onnx_dir / (graph.value + '.onnx')} does not exist; run `gsnet export onnx --out {onnx_dir}` first."
             )
     digest = read_model_digest(onnx_dir)
     dims = dim_ranges(classes_opt, fixed=dla_core is not None)

@@ -60,10 +60,7 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, name: str = "ca
 
     """
     if reference.shape != candidate.shape or reference.ndim != 4:
-        raise ExportError(
-            f"Cannot compare logits of shapes {reference.shape} and {candidate.shape}; both must be [B, N, "
-            "H, W]."
-        )
+        raise ExportError(f"Cannot compare logits of shapes {reference.shape} and {candidate.shape}; both must be [B, N, H, W].")
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     diff = cand - ref
@@ -135,8 +132,7 @@ def check_build(
             onnx_dir = Path(json.loads(record.read_text())["onnx_dir"])
         except (OSError, ValueError, KeyError) as err:
             raise ExportError(
-                f"Cannot find the FP32 ONNX folder: {record} is missing or malformed ({err}); pass --onnx "
-                "DIR."
+                f"Cannot find the FP32 ONNX folder: {record} is missing or malformed ({err}); pass --onnx DIR."
             ) from err
     reference_path = Path(onnx_dir) / io_names.IMAGE_GRAPH_FILE
     if not reference_path.is_file():
@@ -167,8 +163,7 @@ def check_build(
                 results.append(compare_logits(reference, logits, f"{name} (onnxruntime CPU)"))
     if not results:
         raise ExportError(
-            f"Nothing to check in {out_dir}: no engine and none of {', '.join(CANDIDATE_FILES)}; run `gsnet "
-            "export build` first."
+            f"Nothing to check in {out_dir}: no engine and none of {', '.join(CANDIDATE_FILES)}; run `gsnet export build` first."
         )
     write_json_atomic(
         out_dir / CHECK_FILE,
@@ -188,7 +183,6 @@ def format_table(results: Sequence[LogitComparison]) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.candidate:<46} {r.max_abs_error:>9.4f} {r.rel_l2_error:>8.4f} {r.argmax_agreement:>13.4f} "
-            f"{r.mean_iou:>9.4f}"
+            f"{r.candidate:<46} {r.max_abs_error:>9.4f} {r.rel_l2_error:>8.4f} {r.argmax_agreement:>13.4f} {r.mean_iou:>9.4f}"
         )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ with Cast nodes at the boundaries. Graph inputs and outputs keep their FP32 type
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gsnet_deploy.errors import ExportError
+from gsnet_deploy.tensorrt_import import find_tensorrt
 
 if TYPE_CHECKING:
     import onnx
@@ -44,13 +46,8 @@ def modelopt_without_stub_tensorrt() -> Iterator[None]:
     looking for plugin ops. Where TensorRT is not really present (no ``tensorrt.Builder``), the flag is
     set to False for the duration of the call and restored afterwards.
     """
-    try:
-        import tensorrt
-    except ImportError:
-        yield
-        return
-    if hasattr(tensorrt, "Builder"):
-        yield
+    if importlib.util.find_spec("tensorrt") is None or find_tensorrt() is not None:
+        yield  # no tensorrt at all, or the real one: ModelOpt's own detection is right
         return
     from modelopt.onnx import trt_utils
 

@@ -75,9 +75,7 @@ def parse_version(text: str) -> tuple[int, ...]:
             break
         parts.append(int(digits))
     if not parts:
-        raise EngineBuildError(
-            f"Cannot read the TensorRT version {text!r}; expected a dotted version such as 10.3.0."
-        )
+        raise EngineBuildError(f"Cannot read the TensorRT version {text!r}; expected a dotted version such as 10.3.0.")
     return tuple(parts)
 
 
@@ -91,13 +89,9 @@ class ShapeRange:
 
     def __post_init__(self) -> None:
         if not (len(self.min) == len(self.opt) == len(self.max)):
-            raise EngineBuildError(
-                f"Profile shapes differ in rank: {self.min}, {self.opt}, {self.max}; fix the profile."
-            )
+            raise EngineBuildError(f"Profile shapes differ in rank: {self.min}, {self.opt}, {self.max}; fix the profile.")
         if any(not (lo <= mid <= hi) for lo, mid, hi in zip(self.min, self.opt, self.max)):
-            raise EngineBuildError(
-                f"Profile shapes are not ordered min <= opt <= max: {self.min}, {self.opt}, {self.max}."
-            )
+            raise EngineBuildError(f"Profile shapes are not ordered min <= opt <= max: {self.min}, {self.opt}, {self.max}.")
 
     @property
     def is_static(self) -> bool:
@@ -113,20 +107,12 @@ class Profile:
 
     def to_json(self) -> dict[str, dict[str, list[int]]]:
         """JSON-ready dict ``{input: {"min": [...], "opt": [...], "max": [...]}}``."""
-        return {
-            name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)}
-            for name, r in self.shapes.items()
-        }
+        return {name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for name, r in self.shapes.items()}
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Mapping[str, list[int]]]) -> Profile:
         """Inverse of ``to_json``."""
-        return cls(
-            shapes={
-                name: ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
-                for name, r in payload.items()
-            }
-        )
+        return cls(shapes={name: ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for name, r in payload.items()})
 
 
 @dataclass(frozen=True)
@@ -245,9 +231,7 @@ def read_manifest(engine_path: Path) -> EngineManifest:
     """
     path = manifest_path(Path(engine_path))
     if not path.is_file():
-        raise EngineBuildError(
-            f"Engine manifest {path} is missing; rebuild the engines with `gsnet export build`."
-        )
+        raise EngineBuildError(f"Engine manifest {path} is missing; rebuild the engines with `gsnet export build`.")
     try:
         return EngineManifest.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as err:
@@ -314,9 +298,7 @@ def check_gpu(manifest: EngineManifest, host: HostInfo) -> None:
 
 def check_engine_compatible(manifest: EngineManifest, host: HostInfo) -> None:
     """Refuse an engine this host's TensorRT or GPU cannot run (``check_tensorrt_version``, ``check_gpu``)."""
-    check_tensorrt_version(
-        manifest.host.tensorrt_version, host.tensorrt_version, version_compatible=manifest.version_compatible
-    )
+    check_tensorrt_version(manifest.host.tensorrt_version, host.tensorrt_version, version_compatible=manifest.version_compatible)
     check_gpu(manifest, host)
 
 

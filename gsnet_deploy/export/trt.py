@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from gsnet_deploy.errors import EngineBuildError
 from gsnet_deploy.export.manifest import Profile, parse_version, write_bytes_atomic
+from gsnet_deploy.tensorrt_import import require_tensorrt
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -51,17 +52,7 @@ def import_tensorrt() -> ModuleType:
             package without ``Builder``).
 
     """
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise EngineBuildError(
-            f"TensorRT is not installed ({err}); install TensorRT >= 10 on this host."
-        ) from err
-    if not hasattr(tensorrt, "Builder"):
-        raise EngineBuildError(
-            "TensorRT is not installed (only type stubs were found); install TensorRT >= 10 on this host."
-        )
-    return tensorrt
+    return require_tensorrt(EngineBuildError, "install TensorRT >= 10 on this host.")
 
 
 def installed_tensorrt_version() -> tuple[int, ...] | None:
@@ -92,8 +83,7 @@ class BuildFlags:
     def __post_init__(self) -> None:
         if self.strongly_typed and (self.fp16 or self.int8):
             raise EngineBuildError(
-                "Precision builder flags cannot be combined with a strongly typed network; precision comes "
-                "from the ONNX types."
+                "Precision builder flags cannot be combined with a strongly typed network; precision comes from the ONNX types."
             )
 
 
@@ -151,9 +141,7 @@ class NetworkFromOnnx:
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(path)):
             errors = "; ".join(str(parser.get_error(i).desc()) for i in range(min(parser.num_errors, 3)))
-            raise EngineBuildError(
-                f"TensorRT could not parse {path} ({errors}); check the ONNX model and the TensorRT version."
-            )
+            raise EngineBuildError(f"TensorRT could not parse {path} ({errors}); check the ONNX model and the TensorRT version.")
         return ParsedNetwork(builder=builder, network=network, parser=parser, logger=logger)
 
 
@@ -210,13 +198,9 @@ class BuildConfig:
         for profile in self.profiles:
             opt_profile = builder.create_optimization_profile()
             for name, shape in profile.shapes.items():
-                opt_profile.set_shape(
-                    name, trt.Dims(list(shape.min)), trt.Dims(list(shape.opt)), trt.Dims(list(shape.max))
-                )
+                opt_profile.set_shape(name, trt.Dims(list(shape.min)), trt.Dims(list(shape.opt)), trt.Dims(list(shape.max)))
             config.add_optimization_profile(opt_profile)
-        cache_bytes = (
-            self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.is_file() else b""
-        )
+        cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.is_file() else b""
         cache = config.create_timing_cache(cache_bytes)
         config.set_timing_cache(cache, ignore_mismatch=False)
         if self.dla_core is not None:
@@ -256,8 +240,7 @@ class EngineFromNetwork:
         plan = parsed.builder.build_serialized_network(parsed.network, config)
         if plan is None:
             raise EngineBuildError(
-                "TensorRT failed to build the engine (see the TensorRT log above); try a larger --workspace "
-                "or another precision."
+                "TensorRT failed to build the engine (see the TensorRT log above); try a larger --workspace or another precision."
             )
         if self._config.timing_cache is not None:
             cache = config.get_timing_cache()

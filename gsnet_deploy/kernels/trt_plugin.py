@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gsnet_deploy.errors import EngineBuildError
+from gsnet_deploy.tensorrt_import import require_tensorrt
 
 PLUGIN_NAMESPACE = "gsnet"
 PLUGIN_NAME = "fused_cost_volume"
@@ -134,10 +135,7 @@ def register_plugin(arch: int = 90) -> None:
     """
     # NOTE: tensorrt-stubs 10.13 installs tensorrt/__init__.pyi without py.typed, so mypy does not
     # read it (import-untyped); the module is used untyped here.
-    import tensorrt as trt  # type: ignore[import-untyped]
-
-    if not hasattr(trt, "Builder"):
-        raise EngineBuildError("TensorRT is not installed (only its stubs are); install tensorrt>=10.9 for the plugin.")
+    trt = require_tensorrt(EngineBuildError, "install tensorrt>=10.9 for the plugin.")
     version = tuple(int(v) for v in trt.__version__.split(".")[:2])
     if not plugin_supported((version[0], version[1])):
         raise EngineBuildError(f"TensorRT {trt.__version__} has no AOT plugins; use 10.9 or newer, or build without the plugin.")

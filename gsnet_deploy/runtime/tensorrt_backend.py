@@ -32,6 +32,7 @@ from gsnet_deploy.export.manifest import (
     check_same_model,
     read_manifest,
 )
+from gsnet_deploy.tensorrt_import import require_tensorrt
 
 
 def _cuda_runtime() -> Any:
@@ -44,9 +45,7 @@ def _cuda_runtime() -> Any:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError as err:
-        raise BackendError(
-            f"cuda-python is not installed ({err}); `pip install cuda-python` for the TensorRT backend."
-        ) from err
+        raise BackendError(f"cuda-python is not installed ({err}); `pip install cuda-python` for the TensorRT backend.") from err
     return cudart
 
 
@@ -57,8 +56,7 @@ def _check(result: Any, what: str) -> Any:
     if err != cudart.cudaError_t.cudaSuccess:
         _, message = cudart.cudaGetErrorString(err)
         raise BackendError(
-            f"CUDA call {what} failed ({message.decode() if isinstance(message, bytes) else message}); "
-            "check the GPU and driver."
+            f"CUDA call {what} failed ({message.decode() if isinstance(message, bytes) else message}); check the GPU and driver."
         )
     if not values:
         return None
@@ -79,27 +77,13 @@ def current_gpu(device: int = 0) -> tuple[str, tuple[int, int]]:
 
 
 def _import_tensorrt() -> ModuleType:
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise BackendError(
-            f"TensorRT is not installed ({err}); install TensorRT >= 10 or use --backend onnxruntime."
-        ) from err
-    if not hasattr(tensorrt, "Runtime"):
-        raise BackendError(
-            "TensorRT is not installed (only type stubs were found); install TensorRT >= 10 or use "
-            "--backend onnxruntime."
-        )
-    return tensorrt
+    return require_tensorrt(BackendError, "install TensorRT >= 10 or use --backend onnxruntime.")
 
 
 def chunk_slices(total: int, max_batch: int) -> list[slice]:
     """Split ``total`` rows into consecutive slices of at most ``max_batch`` rows (pure)."""
     if max_batch < 1:
-        raise BackendError(
-            f"Engine profile maximum batch is {max_batch}; rebuild the engine with a profile max of 1 or "
-            "more."
-        )
+        raise BackendError(f"Engine profile maximum batch is {max_batch}; rebuild the engine with a profile max of 1 or more.")
     return [slice(start, min(start + max_batch, total)) for start in range(0, total, max_batch)]
 
 
@@ -116,15 +100,12 @@ def check_feeds(feeds: Mapping[str, np.ndarray], manifest: EngineManifest, chunk
     profile = manifest.profiles[0]
     missing = set(profile.shapes) - set(feeds)
     if missing:
-        raise BackendError(
-            f"Inputs {sorted(missing)} missing for {manifest.engine_file}; pass {sorted(profile.shapes)}."
-        )
+        raise BackendError(f"Inputs {sorted(missing)} missing for {manifest.engine_file}; pass {sorted(profile.shapes)}.")
     for name, shape_range in profile.shapes.items():
         shape = tuple(np.shape(feeds[name]))
         if len(shape) != len(shape_range.min):
             raise BackendError(
-                f"Input {name!r} has shape {shape} but {manifest.engine_file} expects rank "
-                f"{len(shape_range.min)}."
+                f"Input {name!r} has shape {shape} but {manifest.engine_file} expects rank {len(shape_range.min)}."
             )
         for axis, (size, lo, hi) in enumerate(zip(shape, shape_range.min, shape_range.max)):
             if name == chunk_input and axis == 0:
@@ -181,10 +162,7 @@ class _EngineRunner:
         total = int(np.shape(feeds[self.chunk_input])[0])
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
         for rows in chunk_slices(total, self.max_batch):
-            chunk = {
-                name: (np.asarray(v)[rows] if name == self.chunk_input else np.asarray(v))
-                for name, v in feeds.items()
-            }
+            chunk = {name: (np.asarray(v)[rows] if name == self.chunk_input else np.asarray(v)) for name, v in feeds.items()}
             for name, value in self._run_once(chunk).items():
                 parts[name].append(value)
         return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
@@ -221,25 +199,20 @@ class _EngineRunner:
         handle = int(self.stream)
         if not self.cuda_graphs:
             if not self.context.execute_async_v3(handle):
-                raise BackendError(
-                    f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log."
-                )
+                raise BackendError(f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log.")
             return
         graph_exec = self.graphs.get(key)
         if graph_exec is None:
             # NOTE: TensorRT needs one ordinary enqueue after a shape change before capture.
             if not self.context.execute_async_v3(handle):
-                raise BackendError(
-                    f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log."
-                )
+                raise BackendError(f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log.")
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             _check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
             ok = self.context.execute_async_v3(handle)
             graph = _check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
             if not ok:
                 raise BackendError(
-                    f"TensorRT could not be captured into a CUDA graph for {self.manifest.engine_file}; run "
-                    "without CUDA graphs."
+                    f"TensorRT could not be captured into a CUDA graph for {self.manifest.engine_file}; run without CUDA graphs."
                 )
             graph_exec = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             _check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
@@ -320,9 +293,7 @@ class TensorRTBackend:
 
     def _runner(self, graph: Graph) -> _EngineRunner:
         if graph not in self._runners:
-            raise BackendError(
-                "The TensorRT backend is not open; use it inside `with TensorRTBackend(...) as backend:`."
-            )
+            raise BackendError("The TensorRT backend is not open; use it inside `with TensorRTBackend(...) as backend:`.")
         return self._runners[graph]
 
     def host_info(self) -> HostInfo:
@@ -358,13 +329,10 @@ class TensorRTBackend:
         trt = _import_tensorrt()
         cudart = _cuda_runtime()
         manifest = self.manifests[graph]
-        engine = self._trt_runtime.deserialize_cuda_engine(
-            (self.engine_dir / manifest.engine_file).read_bytes()
-        )
+        engine = self._trt_runtime.deserialize_cuda_engine((self.engine_dir / manifest.engine_file).read_bytes())
         if engine is None:
             raise BackendError(
-                f"TensorRT could not load {self.engine_dir / manifest.engine_file}; rebuild it with `gsnet "
-                "export build`."
+                f"TensorRT could not load {self.engine_dir / manifest.engine_file}; rebuild it with `gsnet export build`."
             )
         context = engine.create_execution_context()
         profile = manifest.profiles[0]

@@ -36,9 +36,7 @@ def default_vocab_path() -> Path:
 @lru_cache
 def _byte_symbols() -> dict[int, str]:
     """CLIP's reversible map from bytes to printable unicode characters."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes = printable[:]
     extra = 0
     for b in range(256):

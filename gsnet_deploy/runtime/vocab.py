@@ -33,9 +33,7 @@ class Vocabulary:
     def __post_init__(self) -> None:
         """Refuse empty vocabularies, blank names and duplicates."""
         if not self.names:
-            raise VocabularyError(
-                "the vocabulary is empty; pass at least one class name with --classes or --classes-file"
-            )
+            raise VocabularyError("the vocabulary is empty; pass at least one class name with --classes or --classes-file")
         seen: dict[str, int] = {}
         for i, name in enumerate(self.names):
             if not name.strip():
@@ -70,9 +68,7 @@ def prompt_name(name: str) -> str:
 def parse_classes(text: str) -> Vocabulary:
     """Vocabulary from ``--classes "building,road,tree"`` (comma-separated, spaces trimmed)."""
     if not text.strip():
-        raise VocabularyError(
-            "--classes is empty; pass class names separated by commas, e.g. --classes 'building,road'"
-        )
+        raise VocabularyError("--classes is empty; pass class names separated by commas, e.g. --classes 'building,road'")
     return Vocabulary(tuple(part.strip() for part in text.split(",")))
 
 

@@ -75,20 +75,14 @@ def make_image_graph(rng: np.random.Generator) -> onnx.ModelProto:
     nodes = [
         helper.make_node("Sub", [io_names.IMAGES, "mean"], ["centered"]),
         helper.make_node("Div", ["centered", "std"], ["normed"]),
-        helper.make_node(
-            "Conv", ["normed", "w1", "b1"], ["c1"], kernel_shape=[4, 4], strides=[4, 4]
-        ),  # [B, 8, 96, 96]
+        helper.make_node("Conv", ["normed", "w1", "b1"], ["c1"], kernel_shape=[4, 4], strides=[4, 4]),  # [B, 8, 96, 96]
         helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node(
-            "Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[4, 4], strides=[4, 4]
-        ),  # [B, 16, 24, 24]
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[4, 4], strides=[4, 4]),  # [B, 16, 24, 24]
         helper.make_node("Reshape", ["c2", "flat_shape"], ["pix"]),  # [B, 16, 576]
         helper.make_node("MatMul", [io_names.TEXT_EMBEDS, "tproj"], ["tfeat"]),  # [N, 16]
         helper.make_node("MatMul", ["tfeat", "pix"], ["cost"]),  # [B, N, 576]
         helper.make_node("Reshape", ["cost", "grid_shape"], ["cost_grid"]),  # [B, N, 24, 24]
-        helper.make_node(
-            "Resize", ["cost_grid", "", "scales"], [io_names.LOGITS], mode="linear"
-        ),  # [B, N, 96, 96]
+        helper.make_node("Resize", ["cost_grid", "", "scales"], [io_names.LOGITS], mode="linear"),  # [B, N, 96, 96]
     ]
     graph = helper.make_graph(
         nodes,
@@ -97,11 +91,7 @@ def make_image_graph(rng: np.random.Generator) -> onnx.ModelProto:
             helper.make_tensor_value_info(io_names.IMAGES, TensorProto.FLOAT, [io_names.VIEWS, 3, 384, 384]),
             helper.make_tensor_value_info(io_names.TEXT_EMBEDS, TensorProto.FLOAT, [io_names.CLASSES, EMBED]),
         ],
-        [
-            helper.make_tensor_value_info(
-                io_names.LOGITS, TensorProto.FLOAT, [io_names.VIEWS, io_names.CLASSES, 96, 96]
-            )
-        ],
+        [helper.make_tensor_value_info(io_names.LOGITS, TensorProto.FLOAT, [io_names.VIEWS, io_names.CLASSES, 96, 96])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

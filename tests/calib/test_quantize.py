@@ -82,9 +82,7 @@ def tiny_qdq(tiny_onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
     embeds = reference_text_embeds(tiny_onnx_dir, calibration_tokens(6))
     views = paper_views(example_image(0)).views.astype(np.float32)[[0, 4]]  # [2, 3, 384, 384]: a tile, global
-    out = quantize_image_graph(
-        tiny_onnx_dir, tmp_path_factory.mktemp("qdq"), views, text_embeds=embeds, method=CalibMethod.MAX
-    )
+    out = quantize_image_graph(tiny_onnx_dir, tmp_path_factory.mktemp("qdq"), views, text_embeds=embeds, method=CalibMethod.MAX)
     return out, embeds
 
 
@@ -101,8 +99,7 @@ def test_quantize_tiny_graph_places_qdq_on_weighted_layers_only(tiny_qdq: tuple[
     fed_by_dq = {
         n.name
         for n in model.graph.node
-        if n.op_type in weighted
-        and any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)
+        if n.op_type in weighted and any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)
     }
     # the most quantization-sensitive nodes stay in high precision
     for name in fed_by_dq:
@@ -113,9 +110,7 @@ def test_quantize_tiny_graph_places_qdq_on_weighted_layers_only(tiny_qdq: tuple[
 
 
 @pytest.mark.parametrize("num_classes", [3, 6])
-def test_quantize_tiny_graph_runs_close_to_fp32(
-    tiny_onnx_dir: Path, tiny_qdq: tuple[Path, np.ndarray], num_classes: int
-) -> None:
+def test_quantize_tiny_graph_runs_close_to_fp32(tiny_onnx_dir: Path, tiny_qdq: tuple[Path, np.ndarray], num_classes: int) -> None:
     from gsnet_deploy.runtime.examples import example_image
     from gsnet_deploy.runtime.protocol import paper_views
 

@@ -73,6 +73,4 @@ def test_calibration_tokens_shape() -> None:
     assert tokens.shape == (7, 77) and tokens.dtype == np.int64
     assert (tokens[:, 0] == SOT_TOKEN).all()
     assert ((tokens == EOT_TOKEN).sum(axis=1) == 1).all()
-    assert (
-        tokens.argmax(axis=1) == (tokens == EOT_TOKEN).argmax(axis=1)
-    ).all()  # EOT is the largest id (CLIP pooling)
+    assert (tokens.argmax(axis=1) == (tokens == EOT_TOKEN).argmax(axis=1)).all()  # EOT is the largest id (CLIP pooling)

@@ -61,8 +61,14 @@ def make_dataset(tmp_path: Path) -> MakeDataset:
     (image, mask) paths in name order. The root is ``tmp_path / 'root'``.
     """
 
-    def make(spec: DatasetSpec, n: int = 3, dataset_dir: str | None = None, mask_dir: str | None = None,
-             mask_suffix: str = "", seed: int = 0) -> list[tuple[Path, Path]]:
+    def make(
+        spec: DatasetSpec,
+        n: int = 3,
+        dataset_dir: str | None = None,
+        mask_dir: str | None = None,
+        mask_suffix: str = "",
+        seed: int = 0,
+    ) -> list[tuple[Path, Path]]:
         rng = np.random.default_rng(seed)
         base = tmp_path / "root" / (dataset_dir if dataset_dir is not None else spec.dataset_dirs[0])
         out = []

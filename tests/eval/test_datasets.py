@@ -29,8 +29,7 @@ ALL_SPECS = [POTSDAM, FLOODNET, FLAIR, FAST]
 
 def test_dataset_spec_facts_of_official_code() -> None:
     # Written from the official register_*.py / datasets/*.json / README (github.com/yecy749/GSNet).
-    assert POTSDAM.stuff_classes == ("impervious surface", "building", "low vegetation", "tree", "car",
-                                     "clutter")
+    assert POTSDAM.stuff_classes == ("impervious surface", "building", "low vegetation", "tree", "car", "clutter")
     assert POTSDAM.ignore_label == 5 and len(POTSDAM.vocabulary) == 5
     assert (POTSDAM.image_dir, POTSDAM.mask_dirs[0], POTSDAM.image_ext) == ("img_dir/val", "ann_dir/val", ".png")
     assert FLOODNET.stuff_classes[0] == "Background" and FLOODNET.ignore_label == 0
@@ -41,8 +40,10 @@ def test_dataset_spec_facts_of_official_code() -> None:
     assert len(FAST.stuff_classes) == 37 and FAST.ignore_label == 255 and FAST.excluded_classes == ()
     assert FAST.stuff_classes[0] == "A220" and FAST.stuff_classes[-1] == "Warship"
     assert {s.name: s.paper_miou for s in ALL_SPECS} == {
-        DatasetName.FLAIR: 20.00, DatasetName.FAST: 16.61,
-        DatasetName.POTSDAM: 45.75, DatasetName.FLOODNET: 42.63,
+        DatasetName.FLAIR: 20.00,
+        DatasetName.FAST: 16.61,
+        DatasetName.POTSDAM: 45.75,
+        DatasetName.FLOODNET: 42.63,
     }
 
 
@@ -148,8 +149,11 @@ def test_read_mask_tif(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_mask(path, FLAIR), labels)
 
 
-@pytest.mark.parametrize("spec,bad", [(POTSDAM, 6), (FLOODNET, 10), (FLAIR, 13), (FAST, 37), (FAST, 254)],
-                         ids=lambda v: getattr(getattr(v, "name", None), "value", str(v)))
+@pytest.mark.parametrize(
+    "spec,bad",
+    [(POTSDAM, 6), (FLOODNET, 10), (FLAIR, 13), (FAST, 37), (FAST, 254)],
+    ids=lambda v: getattr(getattr(v, "name", None), "value", str(v)),
+)
 def test_read_mask_out_of_range_names_file(spec: DatasetSpec, bad: int, tmp_path: Path) -> None:
     labels = np.zeros((3, 4), dtype=np.uint8)
     labels[1, 2] = bad

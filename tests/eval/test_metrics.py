@@ -14,12 +14,14 @@ NAN = float("nan")
 HAND_GT = np.array([[0, 0, 0, 1], [1, 2, 255, 255]])
 HAND_PRED = np.array([[0, 0, 1, 1], [2, 2, 0, 1]])
 # [pred, gt] with the ignore column last, counted on paper.
-HAND_MATRIX = np.array([
-    [2, 0, 0, 1],
-    [1, 1, 0, 1],
-    [0, 1, 1, 0],
-    [0, 0, 0, 0],
-])
+HAND_MATRIX = np.array(
+    [
+        [2, 0, 0, 1],
+        [1, 1, 0, 1],
+        [0, 1, 1, 0],
+        [0, 0, 0, 0],
+    ]
+)
 # tp = [2, 1, 1], pos_gt = [3, 2, 1], pos_pred = [2, 2, 2], union = [3, 3, 2]
 HAND_IOU = [100 * 2 / 3, 100 * 1 / 3, 100 * 1 / 2]
 HAND_ACC = [100 * 2 / 3, 100 * 1 / 2, 100.0]

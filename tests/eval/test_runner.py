@@ -146,11 +146,14 @@ def test_evaluate_limit(make_dataset, synth, tmp_path: Path) -> None:
         evaluate(POTSDAM, pairs, {"p": pred}, limit=0, progress=False)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda im: np.zeros((3, 3), np.int64), r"shape"),
-    (lambda im: np.zeros(im.shape[:2], np.float32), r"dtype float32"),
-    (lambda im: np.full(im.shape[:2], 6, np.int64), r"class indices 6\.\.6"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda im: np.zeros((3, 3), np.int64), r"shape"),
+        (lambda im: np.zeros(im.shape[:2], np.float32), r"dtype float32"),
+        (lambda im: np.full(im.shape[:2], 6, np.int64), r"class indices 6\.\.6"),
+    ],
+)
 def test_evaluate_bad_prediction_is_backend_error(bad, match: str, tmp_path: Path) -> None:
     pairs = _one_sample(tmp_path, POTSDAM, GT)
     with pytest.raises(BackendError, match=match):
@@ -174,8 +177,7 @@ def test_evaluate_all_unreadable_raises(tmp_path: Path) -> None:
 
 def test_write_report_json_and_table(tmp_path: Path) -> None:
     pairs = _one_sample(tmp_path, POTSDAM, GT)
-    report = evaluate(POTSDAM, pairs, {"fp32": lambda im: PRED_A.copy(), "int8": lambda im: PRED_B.copy()},
-                      progress=False)
+    report = evaluate(POTSDAM, pairs, {"fp32": lambda im: PRED_A.copy(), "int8": lambda im: PRED_B.copy()}, progress=False)
     out = tmp_path / "out" / "eval.json"
     write_report(report, out)
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left

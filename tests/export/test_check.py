@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -16,16 +14,6 @@ from gsnet_deploy.calib.quantize import quantize_image_graph
 from gsnet_deploy.errors import ExportError
 from gsnet_deploy.export.check import check_build, compare_logits, format_table, run_onnx_cpu
 from gsnet_deploy.export.fp16 import make_fp16_onnx
-
-
-def _standin() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "standin_graphs", Path(__file__).parents[1] / "calib" / "standin_graphs.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_compare_logits_hand_worked() -> None:
@@ -51,13 +39,13 @@ def test_compare_logits_identical_and_absent_class() -> None:
         compare_logits(ref, ref[:1])
 
 
-def test_check_build_on_standin(tmp_path: Path) -> None:
-    standin = _standin()
+def test_check_build_on_standin(standin_graphs, tmp_path: Path) -> None:
+    standin = standin_graphs
     onnx_dir = standin.write_standin_onnx_dir(tmp_path / "onnx")
     out = tmp_path / "engines"
-    embeds = run_onnx_cpu(
-        onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: standin.standin_tokens(4)}
-    )[io_names.TEXT_EMBEDS]
+    embeds = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: standin.standin_tokens(4)})[
+        io_names.TEXT_EMBEDS
+    ]
     views = np.random.default_rng(0).uniform(0, 255, size=(10, 3, 384, 384)).astype(np.float32)
     make_fp16_onnx(
         onnx_dir / io_names.IMAGE_GRAPH_FILE,
@@ -74,8 +62,8 @@ def test_check_build_on_standin(tmp_path: Path) -> None:
     assert "rel L2" in format_table(results)
 
 
-def test_check_build_nothing_to_check(tmp_path: Path) -> None:
-    onnx_dir = _standin().write_standin_onnx_dir(tmp_path / "onnx")
+def test_check_build_nothing_to_check(standin_graphs, tmp_path: Path) -> None:
+    onnx_dir = standin_graphs.write_standin_onnx_dir(tmp_path / "onnx")
     with pytest.raises(ExportError, match="Nothing to check"):
         check_build(
             tmp_path / "empty",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
@@ -16,29 +14,19 @@ from gsnet_deploy.export.check import run_onnx_cpu
 from gsnet_deploy.export.fp16 import make_fp16_onnx
 
 
-def _standin() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "standin_graphs", Path(__file__).parents[1] / "calib" / "standin_graphs.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
     ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
     return float(np.sqrt(((cand - ref) ** 2).sum()) / np.sqrt((ref**2).sum()))
 
 
 @pytest.mark.parametrize("num_views", [1, 3])
-def test_fp16_image_graph_casts_runs_and_stays_close(tmp_path: Path, num_views: int) -> None:
-    standin = _standin()
+def test_fp16_image_graph_casts_runs_and_stays_close(standin_graphs, tmp_path: Path, num_views: int) -> None:
+    standin = standin_graphs
     onnx_dir = standin.write_standin_onnx_dir(tmp_path / "onnx")
     rng = np.random.default_rng(3)
-    embeds = run_onnx_cpu(
-        onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: standin.standin_tokens(6)}
-    )[io_names.TEXT_EMBEDS]
+    embeds = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: standin.standin_tokens(6)})[
+        io_names.TEXT_EMBEDS
+    ]
     images = rng.uniform(0, 255, size=(num_views, 3, 384, 384)).astype(np.float32)
     feeds = {io_names.IMAGES: images, io_names.TEXT_EMBEDS: embeds}
     dst = make_fp16_onnx(
@@ -52,10 +40,7 @@ def test_fp16_image_graph_casts_runs_and_stays_close(tmp_path: Path, num_views: 
     fp16_inits = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
     assert fp16_inits, "AutoCast left every weight in FP32"
     # graph I/O keep FP32 so every engine takes the same dtypes
-    assert all(
-        v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-        for v in list(model.graph.input) + list(model.graph.output)
-    )
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in list(model.graph.input) + list(model.graph.output))
 
     reference = run_onnx_cpu(onnx_dir / io_names.IMAGE_GRAPH_FILE, feeds)[io_names.LOGITS]
     candidate = run_onnx_cpu(dst, feeds)[io_names.LOGITS]
@@ -64,8 +49,8 @@ def test_fp16_image_graph_casts_runs_and_stays_close(tmp_path: Path, num_views: 
     assert _rel_l2(reference, candidate) <= 0.05
 
 
-def test_fp16_text_graph(tmp_path: Path) -> None:
-    standin = _standin()
+def test_fp16_text_graph(standin_graphs, tmp_path: Path) -> None:
+    standin = standin_graphs
     onnx_dir = standin.write_standin_onnx_dir(tmp_path / "onnx")
     tokens = standin.standin_tokens(5)
     dst = make_fp16_onnx(
@@ -73,9 +58,7 @@ def test_fp16_text_graph(tmp_path: Path) -> None:
         tmp_path / "text.fp16.onnx",
         reference_feeds={io_names.TEXT_TOKENS: tokens},
     )
-    reference = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[
-        io_names.TEXT_EMBEDS
-    ]
+    reference = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
     candidate = run_onnx_cpu(dst, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
     np.testing.assert_allclose(np.linalg.norm(candidate.astype(np.float64), axis=1), 1.0, rtol=0, atol=5e-3)
     assert _rel_l2(reference, candidate) <= 0.05
@@ -124,9 +107,7 @@ def test_fp16_tiny_text_graph_keeps_dynamic_classes(tiny_onnx_dir: Path, tmp_pat
     )
     assert any(n.op_type == "Cast" for n in onnx.load(str(dst)).graph.node)
     tokens = calibration_tokens(3, seed=7)
-    reference = run_onnx_cpu(tiny_onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[
-        io_names.TEXT_EMBEDS
-    ]
+    reference = run_onnx_cpu(tiny_onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
     candidate = run_onnx_cpu(dst, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
     assert candidate.shape == (3, 512) and np.isfinite(candidate).all()
     # L2-normalized rows, checked directly in float64

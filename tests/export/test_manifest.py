@@ -37,9 +37,7 @@ IMAGE_PROFILE = Profile(
 TEXT_PROFILE = Profile({io_names.TEXT_TOKENS: ShapeRange((1, 77), (40, 77), (256, 77))})
 
 
-def _manifest(
-    graph: Graph = Graph.IMAGE, host: HostInfo = H100, digest: str = "abc", **kw: object
-) -> EngineManifest:
+def _manifest(graph: Graph = Graph.IMAGE, host: HostInfo = H100, digest: str = "abc", **kw: object) -> EngineManifest:
     profile = IMAGE_PROFILE if graph is Graph.IMAGE else TEXT_PROFILE
     return EngineManifest(
         graph=graph,
@@ -115,9 +113,7 @@ def test_check_engine_compatible_gpu() -> None:
     turing = HostInfo(H100.tensorrt_version, "Tesla T4", (7, 5))
     with pytest.raises(EngineBuildError, match="Ampere or newer"):
         check_engine_compatible(_manifest(hardware_compatible=True), turing)
-    with pytest.raises(
-        EngineBuildError, match=r"TensorRT 10\.13\.0\.35 but this host runs TensorRT 10\.3\.0"
-    ):
+    with pytest.raises(EngineBuildError, match=r"TensorRT 10\.13\.0\.35 but this host runs TensorRT 10\.3\.0"):
         check_engine_compatible(_manifest(), HostInfo("10.3.0", H100.gpu_name, H100.compute_capability))
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import onnx
 import pytest
@@ -26,17 +24,6 @@ from gsnet_deploy.export.manifest import Graph
 from gsnet_deploy.export.precision import Precision
 from gsnet_deploy.export.trt import BuildFlags, NetworkFromOnnx, installed_tensorrt_version
 
-
-def _standin() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "standin_graphs", Path(__file__).parents[1] / "calib" / "standin_graphs.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 no_tensorrt = pytest.mark.skipif(installed_tensorrt_version() is not None, reason="real TensorRT installed")
 
 # (version, precision) -> ((text variant, strongly typed, fp16, int8), (image ...)), written by hand
@@ -53,9 +40,7 @@ PATHS = {
 
 
 @pytest.mark.parametrize(("key", "expected"), list(PATHS.items()))
-def test_select_build_path(
-    key: tuple[tuple[int, ...], Precision], expected: tuple[tuple[str, bool, bool, bool], ...]
-) -> None:
+def test_select_build_path(key: tuple[tuple[int, ...], Precision], expected: tuple[tuple[str, bool, bool, bool], ...]) -> None:
     path = select_build_path(*key)
     for plan, (variant, strong, fp16, int8) in zip((path.text, path.image), expected):
         assert plan.variant.value == variant
@@ -94,9 +79,7 @@ def test_variants_for_any_target() -> None:
         ((10, 3, 0), 2, -1, True, "0 or more"),
     ],
 )
-def test_resolve_dla(
-    version: tuple[int, ...], cores: int, core: int | None, has_dla: bool, outcome: int | str | None
-) -> None:
+def test_resolve_dla(version: tuple[int, ...], cores: int, core: int | None, has_dla: bool, outcome: int | str | None) -> None:
     if isinstance(outcome, str):
         with pytest.raises(EngineBuildError, match=outcome):
             resolve_dla(version, cores, core, has_dla_device_type=has_dla)
@@ -104,8 +87,8 @@ def test_resolve_dla(
         assert resolve_dla(version, cores, core, has_dla_device_type=has_dla) == outcome
 
 
-def test_profiles_from_standin_graphs(tmp_path: Path) -> None:
-    onnx_dir = _standin().write_standin_onnx_dir(tmp_path / "onnx")
+def test_profiles_from_standin_graphs(standin_graphs, tmp_path: Path) -> None:
+    onnx_dir = standin_graphs.write_standin_onnx_dir(tmp_path / "onnx")
     image = profile_for(onnx_input_shapes(onnx_dir / io_names.IMAGE_GRAPH_FILE), dim_ranges(32))
     assert image.to_json() == {
         io_names.IMAGES: {"min": [1, 3, 384, 384], "opt": [5, 3, 384, 384], "max": [8, 3, 384, 384]},
@@ -136,8 +119,8 @@ def test_loaders_without_tensorrt_say_so(tmp_path: Path) -> None:
 
 
 @no_tensorrt
-def test_build_without_tensorrt_writes_fp16_onnx_then_one_line_error(tmp_path: Path) -> None:
-    onnx_dir = _standin().write_standin_onnx_dir(tmp_path / "onnx")
+def test_build_without_tensorrt_writes_fp16_onnx_then_one_line_error(standin_graphs, tmp_path: Path) -> None:
+    onnx_dir = standin_graphs.write_standin_onnx_dir(tmp_path / "onnx")
     out = tmp_path / "engines"
     with pytest.raises(EngineBuildError, match="TensorRT is not installed") as info:
         build_engines(onnx_dir, out, Precision.FP16, classes_opt=8)
@@ -151,8 +134,8 @@ def test_build_without_tensorrt_writes_fp16_onnx_then_one_line_error(tmp_path: P
 
 
 @no_tensorrt
-def test_build_int8_without_qdq_or_images_is_refused(tmp_path: Path) -> None:
-    onnx_dir = _standin().write_standin_onnx_dir(tmp_path / "onnx")
+def test_build_int8_without_qdq_or_images_is_refused(standin_graphs, tmp_path: Path) -> None:
+    onnx_dir = standin_graphs.write_standin_onnx_dir(tmp_path / "onnx")
     with pytest.raises(EngineBuildError, match="INT8 needs a Q/DQ model"):
         build_engines(onnx_dir, tmp_path / "engines", Precision.INT8)
 
@@ -161,9 +144,7 @@ def test_build_int8_without_qdq_or_images_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_fp16_build(
-    tiny_onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, EngineBuildError]:
+def tiny_fp16_build(tiny_onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EngineBuildError]:
     """``build_engines`` FP16 on the tiny graphs without TensorRT: the output folder and the error."""
     from gsnet_deploy.calib.views import calibration_tokens
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -34,23 +32,13 @@ _REASON = _skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.trt, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 
-def _standin() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "standin_graphs", Path(__file__).parents[1] / "calib" / "standin_graphs.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
-def onnx_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+def onnx_dir(standin_graphs, request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """The lead's ``tiny_onnx_dir`` fixture where it exists, else the stand-in graphs."""
     try:
         return Path(request.getfixturevalue("tiny_onnx_dir"))
     except pytest.FixtureLookupError:
-        return _standin().write_standin_onnx_dir(tmp_path / "onnx")
+        return standin_graphs.write_standin_onnx_dir(tmp_path / "onnx")
 
 
 def _tokens(n: int) -> np.ndarray:
@@ -59,12 +47,8 @@ def _tokens(n: int) -> np.ndarray:
     return calibration_tokens(n, seed=1)
 
 
-@pytest.mark.parametrize(
-    ("precision", "tolerance"), [(Precision.FP16, 0.05), (Precision.INT8, 0.08), (Precision.BEST, 0.1)]
-)
-def test_engines_match_onnxruntime(
-    onnx_dir: Path, tmp_path: Path, precision: Precision, tolerance: float
-) -> None:
+@pytest.mark.parametrize(("precision", "tolerance"), [(Precision.FP16, 0.05), (Precision.INT8, 0.08), (Precision.BEST, 0.1)])
+def test_engines_match_onnxruntime(onnx_dir: Path, tmp_path: Path, precision: Precision, tolerance: float) -> None:
     from gsnet_deploy.export.build import build_engines
     from gsnet_deploy.export.check import run_onnx_cpu
     from gsnet_deploy.runtime.tensorrt_backend import TensorRTBackend
@@ -77,34 +61,24 @@ def test_engines_match_onnxruntime(
     for k in range(2):
         Image.fromarray(rng.integers(0, 256, size=(400, 600, 3), dtype=np.uint8)).save(calib / f"{k}.png")
     out = tmp_path / "engines"
-    result = build_engines(
-        onnx_dir, out, precision, classes_opt=6, calib_images=[calib], text_tokens=_tokens(6)
-    )
+    result = build_engines(onnx_dir, out, precision, classes_opt=6, calib_images=[calib], text_tokens=_tokens(6))
     assert (out / "image_graph.engine").is_file() and (out / "text_encoder.engine.json").is_file()
     assert result.manifests[next(iter(result.manifests))].model_digest
 
     tokens = _tokens(6)
-    ref_embeds = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[
-        io_names.TEXT_EMBEDS
-    ]
+    ref_embeds = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
     views = rng.uniform(0, 255, size=(11, 3, 384, 384)).astype(np.float32)  # 11 > profile max 8: chunked
-    ref_logits = run_onnx_cpu(
-        onnx_dir / io_names.IMAGE_GRAPH_FILE, {io_names.IMAGES: views, io_names.TEXT_EMBEDS: ref_embeds}
-    )[io_names.LOGITS]
+    ref_logits = run_onnx_cpu(onnx_dir / io_names.IMAGE_GRAPH_FILE, {io_names.IMAGES: views, io_names.TEXT_EMBEDS: ref_embeds})[
+        io_names.LOGITS
+    ]
     for cuda_graphs in (False, True):
         with TensorRTBackend(out, cuda_graphs=cuda_graphs) as backend:
             embeds = backend.text.run({io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
-            logits = backend.image.run({io_names.IMAGES: views, io_names.TEXT_EMBEDS: ref_embeds})[
-                io_names.LOGITS
-            ]
-            again = backend.image.run({io_names.IMAGES: views, io_names.TEXT_EMBEDS: ref_embeds})[
-                io_names.LOGITS
-            ]
+            logits = backend.image.run({io_names.IMAGES: views, io_names.TEXT_EMBEDS: ref_embeds})[io_names.LOGITS]
+            again = backend.image.run({io_names.IMAGES: views, io_names.TEXT_EMBEDS: ref_embeds})[io_names.LOGITS]
         assert embeds.shape == ref_embeds.shape and logits.shape == ref_logits.shape
         assert np.isfinite(logits).all()
         np.testing.assert_allclose(embeds, ref_embeds, rtol=0, atol=0.02)
-        rel = np.linalg.norm((logits - ref_logits).astype(np.float64)) / np.linalg.norm(
-            ref_logits.astype(np.float64)
-        )
+        rel = np.linalg.norm((logits - ref_logits).astype(np.float64)) / np.linalg.norm(ref_logits.astype(np.float64))
         assert rel <= tolerance, f"{precision.value}: relative L2 {rel:.4f}"
         np.testing.assert_allclose(again, logits, rtol=0, atol=1e-5)  # graph replay gives the same numbers
