@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gsnet_deploy.bench.latency import measure_matmul_tflops, time_cuda, time_host, timing_stats
+from gsnet_deploy.bench.timers import measure_matmul_tflops, time_cuda, time_host, timing_stats
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

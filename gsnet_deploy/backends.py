@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gsnet_deploy.contracts.model_size import ModelSize
 from gsnet_deploy.errors import BackendError
 from gsnet_deploy.runtime.backend import Backend
 
@@ -22,13 +23,6 @@ class BackendKind(enum.Enum):
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
-
-
-class ModelSize(enum.Enum):
-    """Architecture used with demo weights (``tiny`` is for quick smoke runs and tests)."""
-
-    PAPER = "paper"
-    TINY = "tiny"
 
 
 @dataclass(frozen=True)
@@ -43,6 +37,8 @@ class BackendOptions:
     pooling: int = 1
     size: ModelSize = ModelSize.PAPER
     fp16: bool = False
+    cuda_graphs: bool | None = None  # torch: replay the image graph as a CUDA graph (None: the backend decides)
+    providers: tuple[str, ...] | None = None  # onnxruntime execution providers, in order (None: its default)
 
     def resolved_kind(self) -> BackendKind:
         """The backend to use, inferring it from the model source when not given."""
@@ -65,24 +61,23 @@ def open_backend(options: BackendOptions, warn: bool = True) -> Backend:
     if kind is BackendKind.TORCH:
         if options.onnx_dir is not None or options.engine_dir is not None:
             raise BackendError("--backend torch runs the PyTorch model; drop --onnx/--engine or pick their backend")
-        from gsnet_deploy.model import DEMO_WARNING, build_gsnet, paper_cfg, tiny_cfg
+        from gsnet_deploy.model import DEMO_WARNING, build_gsnet, cfg_for
         from gsnet_deploy.model.torch_backend import TorchBackend, TorchPrecision
 
-        pooling = (options.pooling, options.pooling)
-        cfg = tiny_cfg(pooling) if options.size is ModelSize.TINY else paper_cfg(pooling)
+        cfg = cfg_for(options.size, options.pooling)
         if options.checkpoint is None and warn:
             print(f"warning: {DEMO_WARNING}", file=sys.stderr)
         if options.checkpoint is not None and options.size is ModelSize.TINY:
             raise BackendError("--model-size tiny is for demo weights only; drop it when passing --checkpoint")
         model = build_gsnet(cfg, checkpoint=options.checkpoint)
         precision = TorchPrecision.FP16 if options.fp16 else TorchPrecision.FP32
-        return TorchBackend(model, device=options.device, precision=precision)
+        return TorchBackend(model, device=options.device, precision=precision, cuda_graphs=options.cuda_graphs)
     if kind is BackendKind.ONNXRUNTIME:
         if options.onnx_dir is None:
             raise BackendError("--backend onnxruntime needs --onnx DIR (make it with 'gsnet export onnx --out DIR')")
         from gsnet_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(options.onnx_dir)
+        return OnnxRuntimeBackend(options.onnx_dir, providers=options.providers)
     if options.engine_dir is None:
         raise BackendError("--backend tensorrt needs --engine DIR (make it with 'gsnet export build --out DIR')")
     from gsnet_deploy.runtime.tensorrt_backend import TensorRTBackend

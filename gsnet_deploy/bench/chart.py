@@ -10,7 +10,7 @@ import io
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gsnet_deploy.bench.latency import LatencyReport
+    from gsnet_deploy.bench.latency_report import LatencyReport
 
 
 def chart_png(report: LatencyReport) -> bytes | None:

@@ -117,9 +117,7 @@ class AtomicFiles:
     def __enter__(self) -> AtomicFiles:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None and not self._committed:
             try:
                 self.commit()

@@ -1,14 +1,9 @@
 """``gsnet export build``: TensorRT engines of both graphs, by the installed TensorRT's path.
 
-Version paths (NVIDIA TensorRT docs: "Migrating from TensorRT 10.x to 11.x", "Explicit Quantization"):
-
-- TensorRT >= 10.12, including 11.x: strongly typed networks. FP16 comes from an ONNX model made
-  FP16 by ModelOpt AutoCast; INT8 from the Q/DQ model; ``best`` from the Q/DQ model made FP16
-  elsewhere by AutoCast. No precision builder flags (11.x removed them; 10.12 deprecated weak typing).
-- TensorRT 10.0 to 10.11 (JetPack 6 ships 10.3): weakly typed networks from the FP32 ONNX with
-  ``BuilderFlag.FP16``; INT8 from the Q/DQ model with ``BuilderFlag.INT8`` (never a calibrator), plus
-  ``BuilderFlag.FP16`` for ``best``.
-- Older than 10: refused.
+The build loop. Its decisions live beside it: ``version_policy`` (which ONNX model and flags per
+TensorRT version and precision), ``dla`` (DLA rules), ``profiles`` (optimization profiles),
+``derived_models`` (FP16 / Q/DQ models, written once and reused while fresh) and
+``plugin_discovery`` (the fused cost-volume plugin).
 
 Without TensorRT (CI, this workstation) the FP16 / Q/DQ ONNX models are still written, then one
 ``EngineBuildError`` line says how to finish on the target.
@@ -16,258 +11,26 @@ Without TensorRT (CI, this workstation) the FP16 / Q/DQ ONNX models are still wr
 
 from __future__ import annotations
 
-import enum
-import warnings
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from gsnet_deploy import io_names
+from gsnet_deploy.contracts.atomic import write_json_atomic
+from gsnet_deploy.contracts.derived import OnnxVariant, read_model_digest
+from gsnet_deploy.contracts.engine_manifest import EngineManifest, Graph, HostInfo, this_platform, write_manifest
+from gsnet_deploy.contracts.precision import Precision
 from gsnet_deploy.errors import EngineBuildError, ExportError
-from gsnet_deploy.export.manifest import (
-    EngineManifest,
-    Graph,
-    HostInfo,
-    Profile,
-    ShapeRange,
-    write_json_atomic,
-    write_manifest,
-)
-from gsnet_deploy.export.precision import Precision
-from gsnet_deploy.export.trt import BuildFlags
-
-STRONG_TYPING_MIN = (10, 12)  # weak typing deprecated from here on; required from 11.0
-OLDEST_SUPPORTED = (10, 0)
-
-VIEWS_MIN, VIEWS_OPT, VIEWS_MAX = 1, 5, 8  # B: 5 = the paper protocol's views of one image
-CLASSES_MIN, CLASSES_MAX = 1, 256  # N: the class transformer pads the class axis to 256
-DEFAULT_CLASSES_OPT = 40
-DLA_VIEWS = 5  # DLA needs static shapes: one image's paper views
+from gsnet_deploy.export.derived_models import make_variants
+from gsnet_deploy.export.dla import resolve_dla
+from gsnet_deploy.export.plugin_discovery import find_plugin
+from gsnet_deploy.export.profiles import DEFAULT_CLASSES_OPT, dim_ranges, onnx_input_shapes, profile_for
+from gsnet_deploy.export.version_policy import STRONG_TYPING_MIN, select_build_path, variants_for_any_target
 
 TIMING_CACHE_FILE = "timing.cache"
 BUILD_RECORD_FILE = "build.json"
-
-
-class OnnxVariant(enum.Enum):
-    """Which ONNX model an engine is parsed from; the value is the file-name infix."""
-
-    FP32 = ""  # the exported model itself
-    FP16 = "fp16"  # AutoCast of the FP32 model
-    INT8 = "int8"  # Q/DQ, FP32 elsewhere (calib.quantize)
-    INT8_FP16 = "int8.fp16"  # AutoCast of the Q/DQ model
-
-    def file_name(self, graph: Graph) -> str:
-        """File name of this variant of ``graph``'s ONNX model."""
-        return f"{graph.value}.onnx" if self is OnnxVariant.FP32 else f"{graph.value}.{self.value}.onnx"
-
-
-@dataclass(frozen=True)
-class GraphPlan:
-    """How one engine is built: which ONNX variant, which flags, and in words for the manifest."""
-
-    variant: OnnxVariant
-    flags: BuildFlags
-    how: str
-
-
-@dataclass(frozen=True)
-class BuildPath:
-    """The plans of both engines for one TensorRT version and precision."""
-
-    text: GraphPlan
-    image: GraphPlan
-
-    def plan(self, graph: Graph) -> GraphPlan:
-        """The plan of ``graph``."""
-        return self.text if graph is Graph.TEXT else self.image
-
-
-def select_build_path(trt_version: Sequence[int], precision: Precision) -> BuildPath:
-    """Choose the build path for a TensorRT version and a precision (pure; see the module docstring).
-
-    Raises:
-        EngineBuildError: TensorRT older than 10.0.
-
-    """
-    version = tuple(trt_version)
-    shown = ".".join(map(str, version))
-    if version < OLDEST_SUPPORTED:
-        raise EngineBuildError(
-            f"TensorRT {shown} is older than 10.0, the oldest version gsnet-deploy builds with; install "
-            "TensorRT 10.x "
-            "or newer (JetPack 6 ships 10.3)."
-        )
-    if version >= STRONG_TYPING_MIN:
-        strong = BuildFlags(strongly_typed=True)
-        fp16 = GraphPlan(
-            OnnxVariant.FP16,
-            strong,
-            f"strongly typed (TensorRT {shown}) from the ModelOpt AutoCast FP16 ONNX",
-        )
-        fp32 = GraphPlan(OnnxVariant.FP32, strong, f"strongly typed (TensorRT {shown}) from the FP32 ONNX")
-        int8 = GraphPlan(
-            OnnxVariant.INT8,
-            strong,
-            f"strongly typed (TensorRT {shown}) from the INT8 Q/DQ ONNX, FP32 elsewhere",
-        )
-        best = GraphPlan(
-            OnnxVariant.INT8_FP16,
-            strong,
-            f"strongly typed (TensorRT {shown}) from the INT8 Q/DQ ONNX made FP16 elsewhere by AutoCast",
-        )
-        table = {Precision.FP16: (fp16, fp16), Precision.INT8: (fp32, int8), Precision.BEST: (fp16, best)}
-    else:
-        weak = f"weakly typed (TensorRT {shown})"
-        fp16 = GraphPlan(OnnxVariant.FP32, BuildFlags(False, fp16=True), f"{weak} from the FP32 ONNX with BuilderFlag.FP16")
-        fp32 = GraphPlan(OnnxVariant.FP32, BuildFlags(False), f"{weak} from the FP32 ONNX, no precision flags")
-        int8 = GraphPlan(
-            OnnxVariant.INT8,
-            BuildFlags(False, int8=True),
-            f"{weak} from the INT8 Q/DQ ONNX with BuilderFlag.INT8",
-        )
-        best = GraphPlan(
-            OnnxVariant.INT8,
-            BuildFlags(False, fp16=True, int8=True),
-            f"{weak} from the INT8 Q/DQ ONNX with BuilderFlag.INT8 and FP16",
-        )
-        table = {Precision.FP16: (fp16, fp16), Precision.INT8: (fp32, int8), Precision.BEST: (fp16, best)}
-    text, image = table[precision]
-    return BuildPath(text=text, image=image)
-
-
-def variants_for_any_target(precision: Precision) -> dict[Graph, tuple[OnnxVariant, ...]]:
-    """ONNX variants any target TensorRT might build ``precision`` from (used without TensorRT)."""
-    needed: dict[Graph, set[OnnxVariant]] = {Graph.TEXT: set(), Graph.IMAGE: set()}
-    for version in ((10, 3), STRONG_TYPING_MIN):
-        path = select_build_path(version, precision)
-        for graph in Graph:
-            needed[graph].add(path.plan(graph).variant)
-    order = list(OnnxVariant)
-    return {g: tuple(sorted(v, key=order.index)) for g, v in needed.items()}
-
-
-def resolve_dla(
-    trt_version: Sequence[int], num_dla_cores: int, dla_core: int | None, *, has_dla_device_type: bool = True
-) -> int | None:
-    """Check a ``--dla-core`` request against the TensorRT version and the device (pure).
-
-    Args:
-        trt_version: installed TensorRT version.
-        num_dla_cores: DLA cores the builder reports (``Builder.num_DLA_cores``).
-        dla_core: requested core, None for GPU only.
-        has_dla_device_type: whether ``trt.DeviceType`` has ``DLA`` (most 11.x releases dropped DLA).
-
-    Returns:
-        The DLA core to build for, or None.
-
-    Raises:
-        EngineBuildError: DLA requested where this TensorRT or device has none, or the core does not exist.
-
-    """
-    if dla_core is None:
-        return None
-    shown = ".".join(map(str, trt_version))
-    if dla_core < 0:
-        raise EngineBuildError(f"--dla-core must be 0 or more, got {dla_core}; pass a DLA core index such as 0.")
-    if tuple(trt_version)[:1] >= (11,) and not has_dla_device_type:
-        raise EngineBuildError(
-            f"TensorRT {shown} has no DLA support (removed from most 11.x releases); drop --dla-core or "
-            "build with "
-            "TensorRT 10.x on the Jetson."
-        )
-    if num_dla_cores <= 0:
-        raise EngineBuildError(
-            f"--dla-core {dla_core} was requested but this device has no DLA cores (TensorRT {shown}); drop "
-            "--dla-core "
-            "or build on a Jetson with DLA (e.g. AGX Orin)."
-        )
-    if dla_core >= num_dla_cores:
-        raise EngineBuildError(
-            f"--dla-core {dla_core} does not exist; this device has {num_dla_cores} DLA core(s), pass 0..{num_dla_cores - 1}."
-        )
-    return dla_core
-
-
-@dataclass(frozen=True)
-class DimRange:
-    """Min / opt / max of one symbolic dimension."""
-
-    min: int
-    opt: int
-    max: int
-
-
-def dim_ranges(
-    classes_opt: int = DEFAULT_CLASSES_OPT, *, fixed: bool = False, fixed_views: int = DLA_VIEWS
-) -> dict[str, DimRange]:
-    """Ranges of the symbolic dims: views B 1/5/8 and classes N 1/``classes_opt``/256, or fixed (DLA).
-
-    Raises:
-        EngineBuildError: ``classes_opt`` outside 1..256.
-
-    """
-    if not CLASSES_MIN <= classes_opt <= CLASSES_MAX:
-        raise EngineBuildError(
-            f"--classes-opt must be between {CLASSES_MIN} and {CLASSES_MAX}, got {classes_opt}; pass the "
-            "class count "
-            "you run most often."
-        )
-    if fixed:
-        return {
-            io_names.VIEWS: DimRange(fixed_views, fixed_views, fixed_views),
-            io_names.CLASSES: DimRange(classes_opt, classes_opt, classes_opt),
-        }
-    return {
-        io_names.VIEWS: DimRange(VIEWS_MIN, VIEWS_OPT, VIEWS_MAX),
-        io_names.CLASSES: DimRange(CLASSES_MIN, classes_opt, CLASSES_MAX),
-    }
-
-
-def profile_for(inputs: Mapping[str, Sequence[int | str]], dims: Mapping[str, DimRange]) -> Profile:
-    """One optimization profile for a graph whose inputs have these (possibly symbolic) shapes (pure).
-
-    Args:
-        inputs: input name -> shape with ints for static dims and names (``"B"``, ``"N"``) for symbolic ones.
-        dims: range of each symbolic dim name.
-
-    Raises:
-        EngineBuildError: a symbolic dim has no range.
-
-    """
-    shapes: dict[str, ShapeRange] = {}
-    for name, shape in inputs.items():
-        ranges: list[DimRange] = []
-        for dim in shape:
-            if isinstance(dim, int) and dim > 0:
-                ranges.append(DimRange(dim, dim, dim))
-                continue
-            if dim not in dims:
-                raise EngineBuildError(
-                    f"Input {name!r} has a dynamic dimension {dim!r} without a profile range; export the "
-                    "graph with the "
-                    f"dynamic axes of gsnet_deploy.io_names ({', '.join(dims)})."
-                )
-            ranges.append(dims[str(dim)])
-        shapes[name] = ShapeRange(tuple(r.min for r in ranges), tuple(r.opt for r in ranges), tuple(r.max for r in ranges))
-    return Profile(shapes=shapes)
-
-
-def onnx_input_shapes(path: Path) -> dict[str, tuple[int | str, ...]]:
-    """Graph input shapes of an ONNX file (symbolic dims as their names), read without its weights."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    initializers = {init.name for init in model.graph.initializer}
-    shapes: dict[str, tuple[int | str, ...]] = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
-    return shapes
 
 
 @dataclass(frozen=True)
@@ -292,136 +55,12 @@ class BuildResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _fresh(path: Path, digest: str) -> bool:
-    """Whether a derived ONNX model exists and its ``.json`` record names this model digest."""
-    from gsnet_deploy.calib.quantize import read_sidecar
-
-    record = read_sidecar(path)
-    return path.is_file() and record is not None and record.get("model_digest") == digest
-
-
-def _write_sidecar(path: Path, payload: Mapping[str, Any]) -> None:
-    from gsnet_deploy.calib.quantize import SIDECAR_SUFFIX
-
-    write_json_atomic(path.with_name(path.name + SIDECAR_SUFFIX), dict(payload))
-
-
-def _make_variants(
-    onnx_dir: Path,
-    out_dir: Path,
-    needed: Mapping[Graph, Sequence[OnnxVariant]],
-    *,
-    digest: str,
-    calib_images: Sequence[Path] | None,
-    text_tokens: np.ndarray | None,
-    notes: list[str],
-) -> dict[Graph, dict[OnnxVariant, Path]]:
-    """Write (or reuse) the FP16, Q/DQ and Q/DQ+FP16 ONNX models the build needs."""
-    from gsnet_deploy.calib.quantize import INT8_FILE, quantize_image_graph, reference_text_embeds
-    from gsnet_deploy.calib.views import CalibrationDataWarning, calibration_tokens, calibration_views
-    from gsnet_deploy.export.fp16 import QDQ_OP_TYPES, make_fp16_onnx
-
-    paths: dict[Graph, dict[OnnxVariant, Path]] = {g: {} for g in Graph}
-    tokens = text_tokens if text_tokens is not None else calibration_tokens()
-    embeds: np.ndarray | None = None
-    views: np.ndarray | None = None
-
-    def reference_inputs() -> tuple[np.ndarray, np.ndarray]:
-        nonlocal embeds, views
-        if embeds is None:
-            embeds = reference_text_embeds(onnx_dir, tokens)
-        if views is None:
-            if calib_images:
-                views = calibration_views(calib_images, max_images=32)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", CalibrationDataWarning)
-                    views = calibration_views(None, max_images=2)
-                notes.append("AutoCast's reference run used the example images (pass --calib DIR for real imagery)")
-        return views, embeds
-
-    for graph in Graph:
-        for variant in needed[graph]:
-            if variant is OnnxVariant.FP32:
-                paths[graph][variant] = onnx_dir / variant.file_name(graph)
-                continue
-            dst = out_dir / variant.file_name(graph)
-            if variant is OnnxVariant.INT8:
-                # a Q/DQ model from `gsnet calib` may sit in the output or the ONNX folder
-                for candidate in (out_dir / INT8_FILE, onnx_dir / INT8_FILE):
-                    if _fresh(candidate, digest):
-                        paths[graph][variant] = candidate
-                        notes.append(f"reused the Q/DQ model {candidate}")
-                        break
-                else:
-                    if not calib_images:
-                        raise EngineBuildError(
-                            f"INT8 needs a Q/DQ model but {out_dir / INT8_FILE} does not exist (or is for "
-                            "other weights) "
-                            "and no calibration images were given; run `gsnet calib --images DIR` or pass "
-                            "--calib DIR."
-                        )
-                    v, e = reference_inputs()
-                    paths[graph][variant] = quantize_image_graph(
-                        onnx_dir, out_dir, v, text_embeds=e, calibration_note="--calib images"
-                    )
-                    notes.append(f"calibrated INT8 on {v.shape[0]} views from the --calib images")
-                continue
-            if _fresh(dst, digest):
-                paths[graph][variant] = dst
-                notes.append(f"reused {dst.name}")
-                continue
-            if graph is Graph.TEXT:
-                feeds = {io_names.TEXT_TOKENS: tokens}
-            else:
-                v, e = reference_inputs()
-                feeds = {io_names.IMAGES: v[:DLA_VIEWS], io_names.TEXT_EMBEDS: e}
-            src = (
-                paths[graph][OnnxVariant.INT8]
-                if variant is OnnxVariant.INT8_FP16
-                else onnx_dir / OnnxVariant.FP32.file_name(graph)
-            )
-            keep_fp32 = QDQ_OP_TYPES if variant is OnnxVariant.INT8_FP16 else ()
-            paths[graph][variant] = make_fp16_onnx(src, dst, reference_feeds=feeds, op_types_to_exclude=keep_fp32)
-            _write_sidecar(
-                dst,
-                {
-                    "model_digest": digest,
-                    "made_from": src.name,
-                    "made_by": "ModelOpt AutoCast fp16",
-                    "kept_fp32_op_types": list(keep_fp32),
-                },
-            )
-    return paths
-
-
-def _plugin_hook(enabled: bool, trt_version: Sequence[int], notes: list[str]) -> tuple[bool, str, Any]:
-    """Find the cost-volume plugin: (usable, note, module pair or None); absence is not an error."""
-    if not enabled:
-        return False, "plugin not requested", None
-    import importlib
-
-    try:
-        # the kernel issue's modules; absent until that work lands
-        plugin_rewrite = importlib.import_module("gsnet_deploy.export.plugin_rewrite")
-        trt_plugin = importlib.import_module("gsnet_deploy.kernels.trt_plugin")
-    except ImportError as err:
-        note = f"plugin requested but unavailable ({err}); built without it"
-        notes.append(note)
-        return False, note, None
-    if not trt_plugin.plugin_supported(tuple(trt_version)):
-        shown = ".".join(map(str, trt_version))
-        note = f"plugin requested but not supported by TensorRT {shown}; built without it"
-        notes.append(note)
-        return False, note, None
-    return True, "fused cost-volume plugin", (trt_plugin, plugin_rewrite)
-
-
 def _current_host(trt_version_text: str) -> HostInfo:
     from gsnet_deploy.runtime.tensorrt_backend import current_gpu
 
     name, capability = current_gpu()
-    return HostInfo(tensorrt_version=trt_version_text, gpu_name=name, compute_capability=capability)
+    system, machine = this_platform()
+    return HostInfo(trt_version_text, name, capability, system, machine)
 
 
 def build_engines(
@@ -463,7 +102,6 @@ def build_engines(
         ExportError: the ONNX folder is incomplete.
 
     """
-    from gsnet_deploy.calib.quantize import read_model_digest
     from gsnet_deploy.export.trt import (
         BuildConfig,
         EngineFromNetwork,
@@ -474,6 +112,11 @@ def build_engines(
         installed_tensorrt_version,
     )
 
+    if plugin and hardware_compatible:
+        raise EngineBuildError(
+            "--plugin cannot be combined with --hardware-compatible: the plugin's kernel is compiled for this GPU "
+            "only; drop one of the two."
+        )
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     for graph in Graph:
         if not (onnx_dir / f"{graph.value}.onnx").is_file():
@@ -487,6 +130,14 @@ def build_engines(
     notes: list[str] = []
 
     version = installed_tensorrt_version()
+    if plugin and version is not None:
+        from gsnet_deploy.kernels.trt_plugin import MIN_AOT_VERSION, plugin_supported
+
+        if not plugin_supported(version):
+            raise EngineBuildError(
+                f"--plugin needs TensorRT {'.'.join(map(str, MIN_AOT_VERSION))} or newer (AOT plugins) but this host "
+                f"has {'.'.join(map(str, version))}; build without --plugin."
+            )
     needed = (
         variants_for_any_target(precision)
         if version is None
@@ -494,7 +145,7 @@ def build_engines(
     )
     if version is not None and precision is Precision.BEST and version >= STRONG_TYPING_MIN:
         needed = {Graph.TEXT: needed[Graph.TEXT], Graph.IMAGE: (OnnxVariant.INT8, OnnxVariant.INT8_FP16)}
-    variants = _make_variants(
+    variants = make_variants(
         onnx_dir,
         out_dir,
         needed,
@@ -526,7 +177,7 @@ def build_engines(
     has_dla, cores = builder_dla_cores() if dla_core is not None else (True, 0)
     dla = resolve_dla(version, cores, dla_core, has_dla_device_type=has_dla)
     host = _current_host(str(trt_module.__version__))
-    use_plugin, plugin_note, plugin_modules = _plugin_hook(plugin, version, notes)
+    use_plugin, plugin_note, plugin_modules = find_plugin(plugin, version, notes)
 
     engines: dict[Graph, Path] = {}
     manifests: dict[Graph, EngineManifest] = {}
@@ -538,16 +189,14 @@ def build_engines(
         if use_plugin and graph is Graph.IMAGE:
             import onnx
 
-            trt_plugin, plugin_rewrite = plugin_modules
-            model, replaced = plugin_rewrite.replace_cost_volume_with_plugin(onnx.load(str(src)))
-            if replaced:
-                from gsnet_deploy.export.fp16 import save_onnx_atomic
+            from gsnet_deploy.export.onnx_save import save_onnx_atomic
 
-                src = save_onnx_atomic(model, out_dir / src.name.replace(".onnx", ".plugin.onnx"))
-                hook = trt_plugin.register_plugin
-                graph_plugin = True
-            else:
-                notes.append("plugin requested but no cost volume was found to replace; built without it")
+            trt_plugin, plugin_rewrite = plugin_modules
+            # fails with one line when the QGFF front is not in the graph (never a silent build without it)
+            model = plugin_rewrite.require_cost_volume_plugin(onnx.load(str(src)), src.name)
+            src = save_onnx_atomic(model, out_dir / src.name.replace(".onnx", ".plugin.onnx"))
+            hook = functools.partial(trt_plugin.register_plugin, trt_plugin.ptx_arch(host.compute_capability))
+            graph_plugin = True
         graph_dims = dims if graph is Graph.IMAGE else text_dims
         profile = profile_for(onnx_input_shapes(src), graph_dims)
         engine_path = out_dir / graph.engine_file

@@ -9,9 +9,19 @@ from pathlib import Path
 import torch
 
 from gsnet_deploy.model.checkpoint import load_checkpoint
-from gsnet_deploy.model.gsnet import GSNet, GSNetCfg, paper_cfg, tiny_cfg
+from gsnet_deploy.model.gsnet import GSNet, GSNetCfg, cfg_for, paper_cfg, tiny_cfg
 
-__all__ = ["DEMO_WARNING", "GSNet", "GSNetCfg", "build_gsnet", "file_digest", "load_gsnet", "paper_cfg", "tiny_cfg"]
+__all__ = [
+    "DEMO_WARNING",
+    "GSNet",
+    "GSNetCfg",
+    "build_gsnet",
+    "cfg_for",
+    "file_digest",
+    "load_gsnet",
+    "paper_cfg",
+    "tiny_cfg",
+]
 
 DEMO_SEED = 0
 DEMO_WARNING = (

@@ -9,22 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gsnet_deploy.backends import ModelSize
-from gsnet_deploy.bench.latency import (
-    HostCaps,
-    LatencyOptions,
-    LatencyReport,
-    PeakRss,
-    add_efficiency,
-    discover_variants,
-    floor_ms,
-    format_markdown,
-    output_stem,
-    run_latency,
-    tensorrt_problem,
-    timing_stats,
-    write_report,
-)
+from gsnet_deploy.bench.host import PeakRss, tensorrt_problem
+from gsnet_deploy.bench.latency import discover_variants, run_latency
+from gsnet_deploy.bench.latency_options import HostCaps, LatencyOptions
+from gsnet_deploy.bench.latency_report import LatencyReport, add_efficiency, format_markdown, output_stem, write_report
+from gsnet_deploy.bench.timers import floor_ms, timing_stats
+from gsnet_deploy.contracts.model_size import ModelSize
 from gsnet_deploy.errors import BackendError, GSNetError
 
 # onnxruntime-gpu on a host without a GPU: the CUDA provider is built in, no device to run it
@@ -247,14 +237,14 @@ def test_cli_parses_latency_options() -> None:
 
 
 def test_qgff_front_switch_restores_on_error() -> None:
-    from gsnet_deploy.bench.latency import _qgff_front
+    from gsnet_deploy.bench.measure import _qgff_front
     from gsnet_deploy.kernels import cost_volume
     from gsnet_deploy.model import qgff
 
-    original = qgff.fused_cost_volume
-    with _qgff_front(True):
-        assert qgff.fused_cost_volume is original
-    with pytest.raises(RuntimeError, match="boom"), _qgff_front(False):
-        assert qgff.fused_cost_volume is cost_volume.cost_volume_reference
+    original = qgff.cost_volume_reference
+    with _qgff_front(False):
+        assert qgff.cost_volume_reference is original
+    with pytest.raises(RuntimeError, match="boom"), _qgff_front(True):
+        assert qgff.cost_volume_reference is cost_volume.fused_cost_volume
         raise RuntimeError("boom")
-    assert qgff.fused_cost_volume is original
+    assert qgff.cost_volume_reference is original

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gsnet_deploy import io_names
+from gsnet_deploy.contracts import io_names
 
 OPSET = 17
 VOCAB = 512  # stand-in vocabulary (token ids are taken modulo this)

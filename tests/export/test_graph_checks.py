@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from gsnet_deploy import io_names
+from gsnet_deploy.contracts import io_names
 from gsnet_deploy.errors import ExportError
 from gsnet_deploy.export.graph_checks import (
     check_forbidden_ops,

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gsnet_deploy import io_names
-from gsnet_deploy.errors import BackendError, EngineBuildError
-from gsnet_deploy.export.manifest import (
+from gsnet_deploy.contracts import io_names
+from gsnet_deploy.contracts.engine_manifest import (
     EngineManifest,
     Graph,
     HostInfo,
@@ -24,7 +23,8 @@ from gsnet_deploy.export.manifest import (
     read_manifest,
     write_manifest,
 )
-from gsnet_deploy.export.precision import Precision
+from gsnet_deploy.contracts.precision import Precision
+from gsnet_deploy.errors import BackendError, EngineBuildError
 from gsnet_deploy.runtime.tensorrt_backend import TensorRTBackend, check_feeds, chunk_slices
 
 H100 = HostInfo("10.13.0.35", "NVIDIA H100 80GB HBM3", (9, 0))

@@ -20,8 +20,13 @@ ROOT = Path(__file__).parents[2]
 MODULES = [
     "gsnet_deploy/export/trt.py",
     "gsnet_deploy/export/build.py",
-    "gsnet_deploy/export/manifest.py",
-    "gsnet_deploy/export/precision.py",
+    "gsnet_deploy/export/version_policy.py",
+    "gsnet_deploy/export/dla.py",
+    "gsnet_deploy/export/profiles.py",
+    "gsnet_deploy/export/derived_models.py",
+    "gsnet_deploy/export/plugin_discovery.py",
+    "gsnet_deploy/contracts/engine_manifest.py",
+    "gsnet_deploy/contracts/precision.py",
     "gsnet_deploy/runtime/tensorrt_backend.py",
 ]
 

@@ -20,17 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gsnet_deploy import io_names
+from gsnet_deploy.contracts import io_names
 from gsnet_deploy.errors import ExportError
 
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 1  # of manifest.json; the engine manifests have their own (engine_manifest.MANIFEST_SCHEMA)
 PAPER_PROTOCOL = "paper-sliding-window"
 METADATA_MANIFEST_KEY = "gsnet_deploy.manifest"  # JSON of the manifest, on both graphs
 METADATA_GRAPH_KEY = "gsnet_deploy.graph"  # which graph this file is: "text_encoder" or "image_graph"
 METADATA_DIGEST_KEY = "gsnet_deploy.model_digest"  # the digest alone, readable in Netron
 
-TEXT_ROLE = io_names.TEXT_GRAPH_FILE.removesuffix(".onnx")
-IMAGE_ROLE = io_names.IMAGE_GRAPH_FILE.removesuffix(".onnx")
+TEXT_ROLE = io_names.TEXT_GRAPH_FILE.removesuffix(".onnx")  # "text_encoder", also engine_manifest.Graph.TEXT
+IMAGE_ROLE = io_names.IMAGE_GRAPH_FILE.removesuffix(".onnx")  # "image_graph"
+PAPER_ENCODER_ROLE = io_names.PAPER_ENCODER_FILE.removesuffix(".onnx")  # "paper_encoder"
+PAPER_HEAD_ROLE = io_names.PAPER_HEAD_FILE.removesuffix(".onnx")  # "paper_head"
 
 _METADATA_PROPS_FIELD = 14  # ModelProto.metadata_props (repeated StringStringEntryProto)
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
@@ -131,12 +133,16 @@ class OnnxDir:
         manifest: its manifest (``manifest.json`` and both graphs agree on it).
         text_path: the text graph file.
         image_path: the image graph file.
+        paper_encoder_path: the paper protocol's encoder graph (None in folders exported before it existed).
+        paper_head_path: the paper protocol's head graph (None exactly when the encoder is None).
     """
 
     path: Path
     manifest: OnnxManifest
     text_path: Path
     image_path: Path
+    paper_encoder_path: Path | None = None
+    paper_head_path: Path | None = None
 
 
 def _read_varint(fh: BinaryIO, path: Path) -> int:
@@ -304,4 +310,26 @@ def open_onnx_dir(path: str | Path) -> OnnxDir:
                 f"{manifest_path} disagrees with the manifest inside {name} (fields {diff}); the folder mixes "
                 "exports, re-run `gsnet export onnx`."
             )
-    return OnnxDir(path=folder, manifest=manifest, text_path=text_path, image_path=image_path)
+    encoder_path, head_path = _paper_graphs(folder, manifest)
+    return OnnxDir(
+        path=folder, manifest=manifest, text_path=text_path, image_path=image_path,
+        paper_encoder_path=encoder_path, paper_head_path=head_path,
+    )  # fmt: skip
+
+
+def _paper_graphs(folder: Path, manifest: OnnxManifest) -> tuple[Path | None, Path | None]:
+    """The paper protocol's two graphs of ``folder``, checked against ``manifest``; (None, None) when absent."""
+    paths = (folder / io_names.PAPER_ENCODER_FILE, folder / io_names.PAPER_HEAD_FILE)
+    present = [p.is_file() for p in paths]
+    if not any(present):
+        return None, None
+    if not all(present):
+        missing = next(p.name for p, ok in zip(paths, present) if not ok)
+        raise ExportError(f"ONNX folder {folder} has no {missing} beside the other paper graph; re-run `gsnet export onnx`.")
+    for graph, role in zip(paths, (PAPER_ENCODER_ROLE, PAPER_HEAD_ROLE)):
+        if read_graph_manifest(graph, role) != manifest:
+            raise ExportError(
+                f"{graph.name} in {folder} comes from another export than {io_names.MANIFEST_FILE}; the folder mixes "
+                "exports, re-run `gsnet export onnx`."
+            )
+    return paths

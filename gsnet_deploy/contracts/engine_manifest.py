@@ -6,22 +6,22 @@ plugin used or not). The runtime refuses an engine whose manifest does not fit t
 TensorRT plan is only valid for the TensorRT version and GPU it was built on unless it was built
 version- or hardware-compatible (TensorRT developer guide, "Engine Compatibility").
 
-This module is torch-free and TensorRT-free: the runtime imports it.
+This module is torch-free and TensorRT-free: the runtime imports it (``runtime.tensorrt_backend``).
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gsnet_deploy.contracts import io_names
+from gsnet_deploy.contracts.atomic import write_json_atomic
+from gsnet_deploy.contracts.precision import Precision
 from gsnet_deploy.errors import EngineBuildError
-from gsnet_deploy.export.precision import Precision
 
 MANIFEST_SCHEMA = 1
 MANIFEST_SUFFIX = ".json"  # text_encoder.engine -> text_encoder.engine.json
@@ -33,33 +33,18 @@ AMPERE_PLUS_MIN_CC = (8, 0)
 class Graph(enum.Enum):
     """The two engines of a build; the value is the file stem shared by ONNX and engine files."""
 
-    TEXT = "text_encoder"
-    IMAGE = "image_graph"
+    TEXT = io_names.TEXT_GRAPH_FILE.removesuffix(".onnx")  # "text_encoder"
+    IMAGE = io_names.IMAGE_GRAPH_FILE.removesuffix(".onnx")  # "image_graph"
+
+    @property
+    def onnx_file(self) -> str:
+        """File name of this graph's FP32 ONNX model."""
+        return f"{self.value}.onnx"
 
     @property
     def engine_file(self) -> str:
         """File name of this graph's engine."""
         return f"{self.value}.engine"
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON to ``path`` atomically."""
-    return write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -117,11 +102,24 @@ class Profile:
 
 @dataclass(frozen=True)
 class HostInfo:
-    """The TensorRT version and GPU of the machine that builds or runs an engine."""
+    """The TensorRT version, GPU and platform of the machine that builds or runs an engine.
+
+    ``system`` / ``machine`` are ``platform.system()`` / ``platform.machine()`` (``"Linux"``,
+    ``"x86_64"`` or ``"aarch64"``); empty where unknown (manifests written before they were recorded).
+    """
 
     tensorrt_version: str
     gpu_name: str
     compute_capability: tuple[int, int]
+    system: str = ""
+    machine: str = ""
+
+
+def this_platform() -> tuple[str, str]:
+    """``(platform.system(), platform.machine())`` of this host, as recorded in ``HostInfo``."""
+    import platform
+
+    return platform.system(), platform.machine()
 
 
 @dataclass(frozen=True)
@@ -177,6 +175,8 @@ class EngineManifest:
             "tensorrt_version": self.host.tensorrt_version,
             "gpu_name": self.host.gpu_name,
             "compute_capability": list(self.host.compute_capability),
+            "system": self.host.system,
+            "machine": self.host.machine,
             "profiles": [p.to_json() for p in self.profiles],
             "model_digest": self.model_digest,
             "plugin_used": self.plugin_used,
@@ -200,7 +200,13 @@ class EngineManifest:
             precision=Precision(payload["precision"]),
             precision_path=str(payload["precision_path"]),
             strongly_typed=bool(payload["strongly_typed"]),
-            host=HostInfo(str(payload["tensorrt_version"]), str(payload["gpu_name"]), (major, minor)),
+            host=HostInfo(
+                str(payload["tensorrt_version"]),
+                str(payload["gpu_name"]),
+                (major, minor),
+                str(payload.get("system", "")),
+                str(payload.get("machine", "")),
+            ),
             profiles=tuple(Profile.from_json(p) for p in payload["profiles"]),
             model_digest=str(payload["model_digest"]),
             plugin_used=bool(payload.get("plugin_used", False)),
@@ -277,6 +283,12 @@ def check_gpu(manifest: EngineManifest, host: HostInfo) -> None:
     """
     built = manifest.host
     if manifest.hardware_compatible:
+        if manifest.plugin_used and host.compute_capability != built.compute_capability:
+            raise EngineBuildError(
+                f"Hardware-compatible engine {manifest.engine_file} contains the cost-volume plugin, compiled for compute "
+                f"capability {built.compute_capability[0]}.{built.compute_capability[1]} only, but this GPU ({host.gpu_name}) "
+                f"has {host.compute_capability[0]}.{host.compute_capability[1]}; rebuild the engines on this host."
+            )
         if host.compute_capability < AMPERE_PLUS_MIN_CC:
             raise EngineBuildError(
                 f"Hardware-compatible engine {manifest.engine_file} needs an Ampere or newer GPU but this "
@@ -296,9 +308,26 @@ def check_gpu(manifest: EngineManifest, host: HostInfo) -> None:
         )
 
 
+def check_platform(manifest: EngineManifest, host: HostInfo) -> None:
+    """Refuse an engine built on another OS or CPU architecture (x86_64 vs aarch64), hardware-compatible or not.
+
+    Raises:
+        EngineBuildError: both platforms are known and differ.
+
+    """
+    built = (manifest.host.system, manifest.host.machine)
+    here = (host.system, host.machine)
+    if all(built) and all(here) and built != here:
+        raise EngineBuildError(
+            f"Engine {manifest.engine_file} was built on {built[0]} {built[1]} but this host is {here[0]} {here[1]}; "
+            "TensorRT engines do not move between platforms, rebuild the engines here."
+        )
+
+
 def check_engine_compatible(manifest: EngineManifest, host: HostInfo) -> None:
-    """Refuse an engine this host's TensorRT or GPU cannot run (``check_tensorrt_version``, ``check_gpu``)."""
+    """Refuse an engine this host cannot run (``check_tensorrt_version``, ``check_platform``, ``check_gpu``)."""
     check_tensorrt_version(manifest.host.tensorrt_version, host.tensorrt_version, version_compatible=manifest.version_compatible)
+    check_platform(manifest, host)
     check_gpu(manifest, host)
 
 
