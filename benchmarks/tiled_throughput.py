@@ -1,4 +1,4 @@
-"""Windows per second of tiled mode (``runtime.tiled.segment_tiled``) on this machine.
+"""Windows per second of tiled mode (``runtime.segment.segment_raster``) on this machine.
 
 Runs a synthetic GeoTIFF (or ``--image``) through the full streaming path (reader thread, batching,
 upsampling, blending, GeoTIFF writing) ``--runs`` times after ``--warmup`` runs and prints the
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from gsnet_deploy.io_names import IMAGE_GRAPH_FILE, IMAGES, LOGITS
+from gsnet_deploy.contracts.io_names import IMAGE_GRAPH_FILE, IMAGES, LOGITS
 from gsnet_deploy.runtime.palette import default_palette
-from gsnet_deploy.runtime.tiled import segment_tiled
+from gsnet_deploy.runtime.segment import segment_raster as segment_tiled
 
 
 class _FakeImageRunner:

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gsnet_deploy.errors import DatasetError, ImageError
+from gsnet_deploy.errors import DatasetError, ImageError, RasterError
 
 
 class DatasetName(enum.Enum):
@@ -398,17 +398,12 @@ def _read_mask_array(path: Path) -> np.ndarray:
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as pil_exc:
         if path.suffix.lower() not in (".tif", ".tiff"):
             raise ImageError(f"Cannot read mask {str(path)!r} ({pil_exc}); replace or remove the file.") from pil_exc
+        from gsnet_deploy.runtime.raster import read_first_band
+
         try:
-            import rasterio  # NOTE: optional, only for TIFF masks Pillow cannot decode.
-        except ImportError:
-            raise ImageError(
-                f"Cannot read mask {str(path)!r} with Pillow ({pil_exc}); install rasterio or convert the mask to PNG."
-            ) from pil_exc
-        try:
-            with rasterio.open(path) as ds:
-                return ds.read(1)
-        except rasterio.errors.RasterioError as exc:
-            raise ImageError(f"Cannot read mask {str(path)!r} ({exc}); replace or remove the file.") from exc
+            return read_first_band(path)
+        except RasterError as exc:
+            raise ImageError(f"Cannot read mask {str(path)!r} with Pillow ({pil_exc}) nor rasterio ({exc}).") from exc
 
 
 def read_mask(path: Path, spec: DatasetSpec) -> np.ndarray:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from gsnet_deploy.contracts.atomic import write_text_atomic
 from gsnet_deploy.errors import BackendError, DatasetError, ImageError
 from gsnet_deploy.eval.datasets import DatasetSpec, SamplePair, check_mask_size, read_image, read_mask
 from gsnet_deploy.eval.metrics import ConfusionMatrix, compute_metrics
@@ -190,25 +189,13 @@ def _nan_to_none(obj: Any) -> Any:
 
 
 def write_report(report: EvalReport, path: Path) -> None:
-    """Write ``report.to_json()`` to ``path`` atomically (temp file in the same folder, then rename).
+    """Write ``report.to_json()`` to ``path`` atomically (``contracts.atomic``).
 
     Args:
         report: The report.
         path: Target JSON file; its folder is created if missing.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = report.to_json()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, report.to_json() + "\n")
 
 
 def _check_prediction(pred: Any, name: str, shape: tuple[int, int], num_classes: int, image: Path) -> np.ndarray:
@@ -251,13 +238,13 @@ def evaluate(
         progress: Show a tqdm progress bar (images per second) and skip notes on stderr.
 
     Returns:
-        The report. Samples whose image or mask file cannot be read are skipped and listed.
+        The report. Samples whose image or mask is unreadable, corrupt, of the wrong size or
+        holds labels outside the class list are skipped and listed in ``skipped``.
 
     Raises:
         BackendError: If not one or two predictors are given, or a predictor returns a map of the
             wrong shape, dtype or class range.
-        DatasetError: If ``limit`` is below 1, no sample could be read, a mask's size differs
-            from its image, or a mask holds labels outside the class list.
+        DatasetError: If ``limit`` is below 1 or no sample could be read.
     """
     if len(predictors) not in (1, 2):
         raise BackendError(
@@ -282,14 +269,15 @@ def evaluate(
         try:
             image = read_image(sample.image)
             gt = read_mask(sample.mask, spec)
-        except ImageError as exc:
-            # NOTE: an unreadable file costs one sample, not the run; bad sizes or labels still raise.
+            check_mask_size(image, gt, sample.mask)
+        except (ImageError, DatasetError) as exc:
+            # NOTE: one rule for every defective file (unreadable, corrupt, wrong size, bad labels): the
+            # sample is skipped and listed, the run goes on, and `gsnet eval` exits 1 when any was skipped.
             skipped.append(SkippedFile(path=str(sample.image), reason=str(exc)))
             if progress:
                 tqdm.write(f"skipped: {exc}", file=sys.stderr)
                 bar.set_postfix(skipped=len(skipped))
             continue
-        check_mask_size(image, gt, sample.mask)
         preds: list[np.ndarray] = []
         for n in names:
             t0 = time.perf_counter()

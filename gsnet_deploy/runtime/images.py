@@ -7,6 +7,7 @@ Rasters with georeferencing go through ``runtime.raster`` instead.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +15,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gsnet_deploy.errors import ImageError
+from gsnet_deploy.runtime.stretch import stretch_to_uint8
 
-# Largest image we accept through PIL (pixels); larger ones belong to the tiled raster path.
+# Largest plain image we accept at all (pixels); a header claiming more is treated as a decompression bomb.
 MAX_PIXELS = 40_000 * 40_000
-
-STRETCH_PERCENTILES = (2.0, 98.0)
-
 
 @dataclass
 class LoadedImage:
@@ -33,31 +32,6 @@ class LoadedImage:
 
     rgb: np.ndarray
     notes: list[str] = field(default_factory=list)
-
-
-def stretch_to_uint8(
-    values: np.ndarray, percentiles: tuple[float, float] = STRETCH_PERCENTILES, valid: np.ndarray | None = None
-) -> tuple[np.ndarray, tuple[float, float]]:
-    """Linearly stretch high-bit-depth values to uint8 between two percentiles.
-
-    Args:
-        values: array of any numeric dtype (``[H, W]`` or ``[H, W, C]``).
-        percentiles: low and high percentiles mapped to 0 and 255.
-        valid: optional boolean mask ``[H, W]`` of pixels to take the percentiles from (nodata excluded).
-
-    Returns:
-        The uint8 array and the (low, high) values that were mapped to 0 and 255.
-
-    """
-    data = values.astype(np.float64, copy=False)
-    sample = data[valid] if valid is not None else data
-    if sample.size == 0:
-        return np.zeros(values.shape, dtype=np.uint8), (0.0, 0.0)
-    lo, hi = (float(v) for v in np.percentile(sample, percentiles))
-    if hi <= lo:
-        hi = lo + 1.0
-    scaled = (data - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8), (lo, hi)
 
 
 def _to_rgb_array(img: Image.Image, notes: list[str]) -> np.ndarray:
@@ -99,6 +73,33 @@ def _read_16bit_tiff(path: Path, notes: list[str]) -> np.ndarray | None:
     return raster.read_small_rgb(path, notes)
 
 
+def whole_image_limit() -> int:
+    """Pixels up to which a plain image is decoded whole by PIL: Pillow's own bomb-warning limit.
+
+    Read at call time (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 MP by default) so that a user or
+    test who changes Pillow's limit moves this one too. Larger images are read in windows.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    return MAX_PIXELS if limit is None else int(limit)
+
+
+def decodes_whole(path: str | Path) -> bool | None:
+    """Whether PIL should decode ``path`` whole (read from its header, no pixels decoded).
+
+    True up to ``whole_image_limit()`` pixels, False above (Pillow's bomb error included), None
+    when PIL cannot read the header (``load_image`` then says why).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.width * img.height <= whole_image_limit()
+    except Image.DecompressionBombError:
+        return False
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
 def load_image(path: str | Path) -> LoadedImage:
     """Read an image file into RGB uint8, applying EXIF orientation like detectron2's reader.
 
@@ -117,10 +118,12 @@ def load_image(path: str | Path) -> LoadedImage:
                     f"image {path} is {img.width}x{img.height}, too large to load whole; use --mode tiled on a GeoTIFF"
                 )
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb_array(img, notes)
+            upright: Image.Image = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb_array(upright, notes)
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {path} is over Pillow's decompression-bomb limit; segment it in tiled mode") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         fallback = _read_16bit_tiff(path, notes) if path.suffix.lower() in (".tif", ".tiff") else None
         if fallback is None:

@@ -1,30 +1,33 @@
-"""Output files of plain (non-georeferenced) images: mask PNG, overlay PNG with legend, probabilities.
+"""Output files of one input: class map, overlay PNG with legend, probabilities.
 
-Every file is written to a temporary file in the output folder and moved into place with
-``os.replace``, so a file with the final name is always complete.
-Files: ``<stem>_mask.png`` (uint8 class index), ``<stem>_overlay.png`` (mask colors blended over the
-image, with a legend), ``<stem>.probs.npy`` (float32 ``[N, H, W]``, with ``--save-probs``).
+Names (one convention for both modes; the input type decides, not the mode):
+- plain images: ``<stem>_mask.png`` (uint8 class index), ``<stem>_overlay.png``, and with
+  ``--save-probs`` ``<stem>.probs.npy`` (float32 ``[N, H, W]``, streamed to disk in tiled mode);
+- georeferenced rasters: ``<stem>_mask.tif`` and ``<stem>_probs.tif`` (``runtime.raster``), and
+  ``<stem>_overlay.png``.
+Every file of an input is written through one ``contracts.atomic.AtomicFiles``: the set appears
+together, with the umask's permissions, or not at all.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from gsnet_deploy.contracts.atomic import AtomicFiles
 from gsnet_deploy.errors import ImageError
+from gsnet_deploy.runtime.tiling import FinishedRows
 
 OVERLAY_MAX_SIDE = 4096  # overlays of larger images are downscaled to this long side
 OVERLAY_ALPHA = 0.5  # weight of the mask colors in the overlay
-MAX_CLASSES_PNG = 256  # a uint8 class index holds at most 256 classes
+MAX_CLASSES = 255  # uint8 class maps; one value stays free for nodata in rasters
 
 
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create the output folder if needed and check that it can be written.
+def prepare_out_dir(out_dir: str | Path, option: str = "--out") -> Path:
+    """Create the output folder if needed and check that a file can be created in it.
 
     Raises:
         ImageError: the folder cannot be created or written.
@@ -33,36 +36,23 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".gsnet-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        probe = AtomicFiles()
+        probe.part(out / ".gsnet-probe")
+        probe.discard()
     except OSError as exc:
-        raise ImageError(f"cannot write to output folder {out} ({exc.strerror or exc}); pass a writable --out") from exc
+        raise ImageError(f"cannot write to output folder {out} ({exc.strerror or exc}); pass a writable {option}") from exc
     return out
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    Raises:
-        ImageError: the file cannot be written.
-
-    """
+def prepare_out_file(path: str | Path, option: str) -> Path:
+    """Check, before any work, that ``path`` can be written later (its folder is created)."""
+    path = Path(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise ImageError(f"cannot write {path} ({exc.strerror or exc}); pass a writable --out") from exc
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ImageError(f"cannot write {path} ({exc.strerror or exc}); check free space and permissions") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        prepare_out_dir(path.parent, option)
+    except ImageError as exc:
+        raise ImageError(f"{option} {path} cannot be written: {exc}") from exc
+    if path.is_dir():
+        raise ImageError(f"{option} {path} is a folder; pass a file name")
     return path
 
 
@@ -70,11 +60,11 @@ def labels_from_probs(probs: np.ndarray) -> np.ndarray:
     """Argmax over classes of ``[N, H, W]`` probabilities as a uint8 class index ``[H, W]``.
 
     Raises:
-        ImageError: more than 256 classes (a uint8 mask cannot hold them).
+        ImageError: more than 255 classes (a uint8 mask cannot hold them).
 
     """
-    if probs.shape[0] > MAX_CLASSES_PNG:
-        raise ImageError(f"{probs.shape[0]} classes do not fit a uint8 mask (at most {MAX_CLASSES_PNG}); use fewer classes")
+    if probs.shape[0] > MAX_CLASSES:
+        raise ImageError(f"{probs.shape[0]} classes do not fit a uint8 mask (at most {MAX_CLASSES}); use fewer classes")
     return np.argmax(probs, axis=0).astype(np.uint8)  # [H, W]
 
 
@@ -146,6 +136,7 @@ def render_overlay(
 
 
 def write_overlay(
+    files: AtomicFiles,
     path: Path,
     rgb: np.ndarray,
     labels: np.ndarray,
@@ -154,9 +145,95 @@ def write_overlay(
     *,
     nodata: int | None = None,
 ) -> Path:
-    """Write ``render_overlay(...)`` to ``path`` as PNG, atomically."""
+    """Write ``render_overlay(...)`` as PNG to ``path``'s temporary in ``files`` (renamed on commit)."""
     image = render_overlay(rgb, labels, class_names, palette, nodata=nodata)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    image.save(files.part(path), format="PNG")
+    return path
+
+
+class MaskSink(Protocol):
+    """Where an input's class map (and probabilities) go: ``PlainMaskSink`` or ``raster.GeoTiffMaskSink``."""
+
+    nodata: int | None
+
+    def write(self, rows: FinishedRows) -> None:
+        """Take a band of merged probabilities (tiled mode)."""
+        ...
+
+    def write_labels(self, row_off: int, labels: np.ndarray, valid: np.ndarray | None, probs: np.ndarray | None) -> None:
+        """Take a band of class indices and, when saved, probabilities."""
+        ...
+
+    def close(self) -> list[Path]:
+        """Finish the temporaries; returns the final paths, mask first."""
+        ...
+
+    def preview(self, max_side: int) -> np.ndarray:
+        """The class map for the overlay (after ``close``)."""
+        ...
+
+    def abort(self) -> None:
+        """Release what the temporaries hold (``AtomicFiles`` deletes them)."""
+        ...
+
+
+class PlainMaskSink:
+    """A ``RowSink`` for plain images: class map held in memory, probabilities streamed to ``.probs.npy``.
+
+    The class map (uint8 ``[H, W]``) is saved as ``<stem>_mask.png`` on ``close``; the
+    probabilities go straight into a memory-mapped ``.npy`` temporary, so a large image in tiled
+    mode never holds ``[N, H, W]`` in memory. All files are temporaries of ``files``.
+    """
+
+    nodata: int | None = None  # plain class maps have no nodata value
+
+    def __init__(
+        self, files: AtomicFiles, out_dir: Path, stem: str, num_classes: int, height: int, width: int, *, save_probs: bool
+    ) -> None:
+        """Allocate the class map and, with ``save_probs``, the probabilities file."""
+        if num_classes > MAX_CLASSES:
+            raise ImageError(f"{num_classes} classes do not fit a uint8 mask (at most {MAX_CLASSES}); use fewer classes")
+        self.files = files
+        self.num_classes = num_classes
+        self.mask_path = out_dir / f"{stem}_mask.png"
+        self.probs_path = out_dir / f"{stem}.probs.npy" if save_probs else None
+        self.labels = np.zeros((height, width), dtype=np.uint8)  # [H, W]
+        self._probs: np.memmap | None = None
+        if self.probs_path is not None:
+            shape = (num_classes, height, width)
+            self._probs = np.lib.format.open_memmap(files.part(self.probs_path), mode="w+", dtype=np.float32, shape=shape)
+
+    def write(self, rows: FinishedRows) -> None:
+        """Take a band of merged probabilities (tiled mode)."""
+        labels = np.argmax(rows.probs, axis=0).astype(np.uint8)  # [h, W]
+        self.write_labels(rows.row_off, labels, rows.valid, rows.probs)
+
+    def write_labels(self, row_off: int, labels: np.ndarray, valid: np.ndarray | None, probs: np.ndarray | None) -> None:
+        """Take a band of class indices ``[h, W]`` and, when saved, its probabilities ``[N, h, W]``."""
+        h = labels.shape[0]
+        self.labels[row_off : row_off + h] = labels
+        if self._probs is not None:
+            if probs is None:
+                raise ImageError("probabilities were asked for but the backend returned none; re-export the model")
+            self._probs[:, row_off : row_off + h] = probs
+
+    def close(self) -> list[Path]:
+        """Finish the temporaries (mask PNG written, probabilities flushed); returns final paths, mask first."""
+        Image.fromarray(self.labels).save(self.files.part(self.mask_path), format="PNG")
+        paths = [self.mask_path]
+        if self._probs is not None and self.probs_path is not None:
+            self._probs.flush()
+            self._probs = None
+            paths.append(self.probs_path)
+        return paths
+
+    def abort(self) -> None:
+        """Drop the memory map (the temporaries are removed by ``files``)."""
+        self._probs = None
+
+    def preview(self, max_side: int) -> np.ndarray:
+        """The class map for the overlay (``render_overlay`` downscales it)."""
+        return self.labels
 
 
 def write_outputs(
@@ -168,7 +245,7 @@ def write_outputs(
     palette: np.ndarray,
     save_probs: bool,
 ) -> list[Path]:
-    """Write the mask, overlay and (optionally) probabilities of one plain image.
+    """Write the mask, overlay and (optionally) probabilities of one plain image, as one set.
 
     Args:
         stem: file name stem (the input's stem).
@@ -180,10 +257,10 @@ def write_outputs(
         save_probs: also write ``<stem>.probs.npy``.
 
     Returns:
-        The paths written, mask first.
+        The paths written: mask, overlay, then probabilities.
 
     Raises:
-        ImageError: the folder cannot be written, shapes disagree, or N > 256.
+        ImageError: the folder cannot be written, shapes disagree, or N > 255.
 
     """
     if probs.ndim != 3 or probs.shape[1:] != rgb.shape[:2]:
@@ -195,14 +272,13 @@ def write_outputs(
         )
     out = prepare_out_dir(out_dir)
     labels = labels_from_probs(probs)
-    paths = [atomic_write(out / f"{stem}_mask.png", lambda tmp: Image.fromarray(labels).save(tmp, format="PNG"))]
-    paths.append(write_overlay(out / f"{stem}_overlay.png", rgb, labels, class_names, palette))
-    if save_probs:
-        data = np.ascontiguousarray(probs, dtype=np.float32)
-
-        def _save(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.save(f, data)
-
-        paths.append(atomic_write(out / f"{stem}.probs.npy", _save))
+    try:
+        with AtomicFiles() as files:
+            sink = PlainMaskSink(files, out, stem, probs.shape[0], *rgb.shape[:2], save_probs=save_probs)
+            sink.write_labels(0, labels, None, probs)
+            paths = sink.close()
+            paths.insert(1, write_overlay(files, out / f"{stem}_overlay.png", rgb, labels, class_names, palette))
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ImageError(f"cannot write outputs of {stem} in {out} ({reason}); check free space and permissions") from exc
     return paths

@@ -94,6 +94,11 @@ def parse_color(value: object, where: str) -> tuple[int, int, int]:
     return triple[0], triple[1], triple[2]
 
 
+def _for_class(class_names: list[str], index: int) -> str:
+    """`` (class 'name')`` for the class an entry colors, or nothing for entries beyond the classes."""
+    return f" (class {class_names[index]!r})" if index < len(class_names) else ""
+
+
 def load_palette(path: str | Path, class_names: list[str]) -> np.ndarray:
     """Read a palette file and return one color per class.
 
@@ -131,13 +136,13 @@ def load_palette(path: str | Path, class_names: list[str]) -> np.ndarray:
                 )
             colors = [parse_color(data[name], f"{path} [{name!r}]") for name in class_names]
         elif isinstance(data, list):
-            colors = [parse_color(v, f"{path} [{i}]") for i, v in enumerate(data)]
+            colors = [parse_color(v, f"{path} [{i}]{_for_class(class_names, i)}") for i, v in enumerate(data)]
         else:
             raise GSNetError(f"palette file {path} holds a JSON {type(data).__name__}; use an object or a list")
     else:
         lines = [ln.strip() for ln in text.splitlines()]
         entries = [(i, ln) for i, ln in enumerate(lines, 1) if ln and not ln.startswith("# ")]
-        colors = [parse_color(ln, f"{path}:{i}") for i, ln in entries]
+        colors = [parse_color(ln, f"{path}:{i}{_for_class(class_names, k)}") for k, (i, ln) in enumerate(entries)]
     if len(colors) < len(class_names):
         raise GSNetError(f"palette file {path} has {len(colors)} colors for {len(class_names)} classes; add one color per class")
     return np.asarray(colors[: len(class_names)], dtype=np.uint8).reshape(len(class_names), 3)  # [N, 3]

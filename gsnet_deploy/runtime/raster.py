@@ -14,8 +14,14 @@ Band rules (``--bands``):
 - ``--bands`` takes 3 indices (1-based), or 1 index for a gray image.
 
 Nodata: a pixel is nodata when every selected band is masked (GDAL's nodata value, alpha band or
-internal mask, read with ``read_masks``). Output class maps hold the input's nodata value when it
-is an integer in ``[N, 255]``, else 255 (the input's value is kept in the ``GSNET_INPUT_NODATA`` tag).
+internal mask, read with ``read_masks``), or when any selected band holds NaN or infinity (float
+rasters: NaN is the usual "no value", and one NaN would poison the stretch).
+Output class maps hold the input's nodata value when it is an integer in ``[N, 255]``, else 255
+(the input's value is kept in the ``GSNET_INPUT_NODATA`` tag).
+
+Sparse GeoTIFFs: blocks that were never written (``SPARSE_OK``; GDAL reports no offset for them)
+hold no data. In a file without nodata or mask they are treated as nodata: a window lying wholly
+in such blocks is neither read nor run through the model, and the class map holds nodata there.
 
 Non-8-bit imagery is stretched linearly between the 2nd and 98th percentiles of all selected
 bands, computed once from a decimated read (GDAL uses overviews when present); the stretch is
@@ -26,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -35,13 +39,15 @@ from typing import Any
 
 import numpy as np
 
+from gsnet_deploy.contracts.atomic import AtomicFiles
 from gsnet_deploy.errors import RasterError
-from gsnet_deploy.runtime.images import STRETCH_PERCENTILES, stretch_to_uint8
+from gsnet_deploy.runtime.stretch import STRETCH_PERCENTILES, stretch_to_uint8
 from gsnet_deploy.runtime.tiling import FinishedRows
 
 PREVIEW_SIDE = 1024  # long side of the decimated read used for percentiles
 BLOCK = 256  # block size of the written GeoTIFFs
 DEFAULT_MASK_NODATA = 255
+MAX_SPARSE_SCAN = 1 << 20  # blocks per band whose presence is checked on opening (a 256-px-block 260k^2 raster)
 _COLOR_RGB = ("red", "green", "blue")
 
 
@@ -129,6 +135,7 @@ def mask_nodata_value(input_nodata: float | None, has_mask: bool, num_classes: i
 def apply_stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map ``low..high`` linearly to 0..255 (clipped, rounded) as ``stretch_to_uint8`` does."""
     scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)  # non-finite pixels are nodata anyway
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
@@ -167,6 +174,10 @@ class RasterReader:
         self.nodata: float | None = None
         self.stretch: tuple[float, float] | None = None
         self.dtype = "uint8"
+        self.floating = False
+        self._masked = False  # GDAL nodata, alpha band or internal mask on a selected band
+        self._absent: np.ndarray | None = None  # [rows, cols] of blocks never written (sparse GeoTIFF), or None
+        self._block = (0, 0)  # block height, width
 
     def __enter__(self) -> RasterReader:
         rasterio = _rasterio()
@@ -214,10 +225,41 @@ class RasterReader:
             raise RasterError(f"bands {self.bands} of {self.path} have different types {sorted(dtypes)}; pick other --bands")
         self.dtype = dtypes.pop()
         flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
-        self.has_mask = any(f != [_rasterio().enums.MaskFlags.all_valid] for f in flags)
+        self.floating = np.dtype(self.dtype).kind == "f"
+        self._masked = any(f != [_rasterio().enums.MaskFlags.all_valid] for f in flags)
+        if not self._masked:
+            self._absent = self._scan_sparse()
+        self.has_mask = self.floating or self._masked or self._absent is not None
         self.nodata = ds.nodatavals[self.bands[0] - 1]
         if self.dtype != "uint8":
             self._compute_stretch()
+
+    def _scan_sparse(self) -> np.ndarray | None:
+        """Blocks of a GeoTIFF that were never written, in every selected band; None if there are none."""
+        ds = self._ds
+        shapes = {tuple(ds.block_shapes[b - 1]) for b in self.bands}
+        if ds.driver != "GTiff" or len(shapes) != 1:
+            return None
+        bh, bw = shapes.pop()
+        rows, cols = -(-self.height // bh), -(-self.width // bw)
+        if rows * cols > MAX_SPARSE_SCAN:
+            return None
+        absent = np.ones((rows, cols), dtype=bool)
+        for band in sorted(set(self.bands)):
+            for y, x in zip(*np.nonzero(absent), strict=True):
+                if ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band) is not None:
+                    absent[y, x] = False
+        if not absent.any():
+            return None
+        self._block = (bh, bw)
+        self.notes.append(f"{int(absent.sum())} of {absent.size} blocks were never written (sparse GeoTIFF): treated as nodata")
+        return absent
+
+    def _present(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Validity ``[len(rows), len(cols)]`` from the sparse-block map (pixel rows and columns)."""
+        assert self._absent is not None
+        bh, bw = self._block
+        return ~self._absent[np.ix_(rows // bh, cols // bw)]
 
     def _compute_stretch(self) -> None:
         """Percentile stretch from a decimated read of the selected bands (masked pixels excluded)."""
@@ -241,9 +283,22 @@ class RasterReader:
         try:
             data = self.dataset.read(list(self.bands), **kwargs)  # [3, h, w]
             valid = None
-            if self.has_mask:
+            if self._masked:
                 masks = self.dataset.read_masks(list(self.bands), **kwargs)  # [3, h, w]
                 valid = np.any(masks > 0, axis=0)  # [h, w]
+            if self.floating:
+                finite = np.isfinite(data).all(axis=0)  # NaN / inf in any band is nodata
+                valid = finite if valid is None else valid & finite
+            if self._absent is not None:
+                h, w = data.shape[1:]
+                if window is None:  # a decimated whole-raster read: nearest source pixel of each sample
+                    rows = ((np.arange(h) + 0.5) * self.height / h).astype(np.int64)
+                    cols = ((np.arange(w) + 0.5) * self.width / w).astype(np.int64)
+                else:
+                    rows = np.arange(int(window.row_off), int(window.row_off) + h)
+                    cols = np.arange(int(window.col_off), int(window.col_off) + w)
+                present = self._present(rows, cols)
+                valid = present if valid is None else valid & present
         except rasterio.errors.RasterioError as exc:
             where = "" if window is None else f" window {window.col_off},{window.row_off} {window.width}x{window.height}"
             detail = exc.__cause__ or exc  # rasterio wraps GDAL's message as the cause
@@ -264,6 +319,11 @@ class RasterReader:
             RGB uint8 ``[h, w, 3]`` and the validity mask bool ``[h, w]`` (None when the raster has no mask).
 
         """
+        if self._absent is not None:
+            bh, bw = self._block
+            if self._absent[row_off // bh : (row_end - 1) // bh + 1, col_off // bw : (col_end - 1) // bw + 1].all():
+                shape = (row_end - row_off, col_end - col_off)
+                return np.zeros((*shape, 3), dtype=np.uint8), np.zeros(shape, dtype=bool)  # never written: no read
         window = _rasterio().windows.Window(col_off, row_off, col_end - col_off, row_end - row_off)
         data, valid = self._read(window)
         if self.stretch is not None:
@@ -297,16 +357,18 @@ class RasterReader:
 
 
 class GeoTiffMaskSink:
-    """Writes merged rows as ``<stem>_mask.tif`` (and ``<stem>_probs.tif``), renamed only on ``commit``.
+    """A ``RowSink`` writing ``<stem>_mask.tif`` (and ``<stem>_probs.tif``) as temporaries of an ``AtomicFiles``.
 
     The class map is uint8, tiled 256x256, deflate-compressed, with a color table, the class names
-    in the band description and tags, and the input's CRS, transform and nodata. Files are written
-    under hidden temporary names in the output folder; ``abort`` deletes them.
+    in the band description and tags, and the input's CRS, transform and nodata. ``close`` finishes
+    the temporaries (the caller's ``AtomicFiles`` renames them with the input's other outputs);
+    ``abort`` closes them so that ``AtomicFiles`` can delete them.
     """
 
     def __init__(
         self,
         reader: RasterReader,
+        files: AtomicFiles,
         out_dir: str | Path,
         stem: str,
         class_names: list[str],
@@ -318,6 +380,7 @@ class GeoTiffMaskSink:
 
         Args:
             reader: the open input raster (georeferencing, nodata, stretch tags).
+            files: the input's set of outputs; the GeoTIFFs are its temporaries.
             out_dir: output folder (created if missing).
             stem: output file stem.
             class_names: N names.
@@ -330,13 +393,14 @@ class GeoTiffMaskSink:
         """
         rasterio = _rasterio()
         self.num_classes = len(class_names)
-        if self.num_classes > 256:
-            raise RasterError(f"{self.num_classes} classes do not fit a uint8 class map; use at most 256 classes")
+        if self.num_classes > 255:
+            raise RasterError(f"{self.num_classes} classes do not fit a uint8 class map; use at most 255 classes")
         self.nodata = mask_nodata_value(reader.nodata, reader.has_mask, self.num_classes)
         self.out_dir = Path(out_dir)
         self.final_paths = [self.out_dir / f"{stem}_mask.tif"]
         if save_probs:
             self.final_paths.append(self.out_dir / f"{stem}_probs.tif")
+        self._files = files
         self._tmp_paths: list[Path] = []
         self._datasets: list[Any] = []
         ds = reader.dataset
@@ -361,7 +425,7 @@ class GeoTiffMaskSink:
         }
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            mask_ds = self._create(stem + "_mask", dict(base, count=1, nodata=self.nodata))
+            mask_ds = self._create(self.final_paths[0], dict(base, count=1, nodata=self.nodata))
             colormap = {i: (int(c[0]), int(c[1]), int(c[2]), 255) for i, c in enumerate(palette)}
             if self.nodata is not None:
                 colormap[self.nodata] = (0, 0, 0, 0)
@@ -369,7 +433,7 @@ class GeoTiffMaskSink:
             mask_ds.set_band_description(1, "class index: " + ", ".join(f"{i}={n}" for i, n in enumerate(class_names)))
             mask_ds.update_tags(**tags, **{f"CLASS_{i}": name for i, name in enumerate(class_names)})
             if save_probs:
-                probs_ds = self._create(stem + "_probs", dict(base, count=self.num_classes, interleave="band"))
+                probs_ds = self._create(self.final_paths[1], dict(base, count=self.num_classes, interleave="band"))
                 for i, name in enumerate(class_names):
                     probs_ds.set_band_description(i + 1, name)
                 probs_ds.update_tags(**tags, GSNET_PROBS_SCALE="probability = value / 255; 0 at nodata pixels")
@@ -380,12 +444,11 @@ class GeoTiffMaskSink:
             self.abort()
             raise
 
-    def _create(self, name: str, profile: dict[str, Any]) -> Any:
-        """Open a hidden temporary GeoTIFF for writing and remember it."""
+    def _create(self, final: Path, profile: dict[str, Any]) -> Any:
+        """Open the temporary GeoTIFF of ``final`` for writing and remember it."""
         rasterio = _rasterio()
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tif.part", dir=self.out_dir)
-        os.close(fd)
-        self._tmp_paths.append(Path(tmp))
+        tmp = self._files.part(final)
+        self._tmp_paths.append(tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             dst = rasterio.open(tmp, "w", **profile)
@@ -394,47 +457,54 @@ class GeoTiffMaskSink:
 
     def write(self, rows: FinishedRows) -> None:
         """Write a band of finished rows (class index and, if asked, probabilities)."""
+        labels = np.argmax(rows.probs, axis=0).astype(np.uint8)  # [h, W]
+        self.write_labels(rows.row_off, labels, rows.valid, rows.probs)
+
+    def write_labels(self, row_off: int, labels: np.ndarray, valid: np.ndarray | None, probs: np.ndarray | None) -> None:
+        """Write class indices ``[h, W]`` from ``row_off`` (nodata where not ``valid``) and probabilities ``[N, h, W]``."""
         rasterio = _rasterio()
-        probs, valid = rows.probs, rows.valid
-        h, w = valid.shape
-        window = rasterio.windows.Window(0, rows.row_off, w, h)
-        labels = np.argmax(probs, axis=0).astype(np.uint8)  # [h, W]
-        if self.nodata is not None:
+        h, w = labels.shape
+        window = rasterio.windows.Window(0, row_off, w, h)
+        labels = labels.astype(np.uint8, copy=True)
+        if self.nodata is not None and valid is not None:
             labels[~valid] = self.nodata
         try:
             self._datasets[0].write(labels, 1, window=window)
             if len(self._datasets) > 1:
+                if probs is None:
+                    raise RasterError("probabilities were asked for but the backend returned none; re-export the model")
                 scaled = np.clip(np.rint(probs * np.float32(255.0)), 0, 255).astype(np.uint8)  # [N, h, W]
+                if valid is not None:
+                    scaled[:, ~valid] = 0
                 self._datasets[1].write(scaled, window=window)
         except rasterio.errors.RasterioError as exc:
             raise RasterError(f"cannot write rows of {self.final_paths[0]} ({exc}); check free space") from exc
 
-    def commit(self) -> list[Path]:
-        """Close the temporary files and rename them to their final names (mask last)."""
+    def close(self) -> list[Path]:
+        """Finish the temporary GeoTIFFs; returns the final paths (mask first), renamed by ``files``."""
         rasterio = _rasterio()
         try:
             for dst in self._datasets:
                 dst.close()
             self._datasets = []
-            for tmp, final in reversed(list(zip(self._tmp_paths, self.final_paths, strict=True))):
-                os.replace(tmp, final)
-            self._tmp_paths = []
         except (OSError, rasterio.errors.RasterioError) as exc:
             self.abort()
             raise RasterError(f"cannot finish {self.final_paths[0]} ({exc}); check free space and permissions") from exc
         return list(self.final_paths)
 
+    def preview(self, max_side: int) -> np.ndarray:
+        """A decimated read of the finished class map (call after ``close``)."""
+        return read_mask_preview(self._tmp_paths[0], max_side)
+
     def abort(self) -> None:
-        """Close and delete the temporary files (idempotent)."""
+        """Close the temporary files (idempotent); ``files`` deletes them, GDAL side files go here."""
         for dst in self._datasets:
             # NOTE: closing a half-written file may fail; the file is deleted next, so the error is moot
             with contextlib.suppress(Exception):
                 dst.close()
         self._datasets = []
         for tmp in self._tmp_paths:
-            tmp.unlink(missing_ok=True)
             Path(str(tmp) + ".aux.xml").unlink(missing_ok=True)
-        self._tmp_paths = []
 
 
 def read_mask_preview(path: str | Path, max_side: int) -> np.ndarray:
@@ -479,11 +549,28 @@ def read_small_rgb(path: str | Path, notes: list[str]) -> np.ndarray | None:
     hwc = data.transpose(1, 2, 0)  # [H, W, 3]
     if data.dtype == np.uint8:
         return np.ascontiguousarray(hwc)
-    valid = np.any(masks > 0, axis=0)  # [H, W]
+    valid = np.any(masks > 0, axis=0) & np.isfinite(data).all(axis=0)  # [H, W]
     rgb, (low, high) = stretch_to_uint8(hwc, STRETCH_PERCENTILES, valid)
     lo_p, hi_p = STRETCH_PERCENTILES
     notes.append(f"{data.dtype} raster stretched to 8 bits between percentiles {lo_p:g} and {hi_p:g} ({low:g}..{high:g})")
     return rgb
+
+
+def read_first_band(path: str | Path) -> np.ndarray:
+    """Band 1 of a raster, whole (label masks Pillow cannot decode, e.g. LZW or 16-bit TIFF masks).
+
+    Raises:
+        RasterError: rasterio is missing or cannot read the file.
+
+    """
+    rasterio = _rasterio()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return ds.read(1)
+    except rasterio.errors.RasterioError as exc:
+        raise RasterError(f"cannot read raster {path} ({exc})") from exc
 
 
 def is_georeferenced(path: str | Path) -> bool:

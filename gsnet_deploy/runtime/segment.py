@@ -1,40 +1,82 @@
-"""``gsnet segment`` as a library: images in, masks, overlays and probabilities out, any backend.
+"""``gsnet segment`` as a library: the one orchestrator from inputs to output files, any backend.
 
-Per input: choose the protocol (the paper's sliding window for ordinary photos, tiled windows at
-native resolution for large images and georeferenced rasters), encode the vocabulary once (cached
-on disk), run the backend, write outputs atomically. A failing input is reported and counted; the
-others are still processed.
+For a run: check everything that does not need the model first (``validate_run``: option ranges,
+class count, prompt lengths, ``--bands``, output-name clashes), encode the vocabulary once (cached
+on disk), then per input:
+
+1. what the input is (``InputKind``): a georeferenced raster, a plain image PIL decodes whole, or
+   a plain image too large for that, read in windows through rasterio;
+2. which protocol runs (``choose_mode``, the only place the mode is decided): the paper's
+   sliding-window protocol or tiled windows at native resolution;
+3. one output convention, decided by the input kind and never by the mode (``runtime.outputs``):
+   rasters get georeferenced ``_mask.tif`` (+ ``_probs.tif``), plain images ``_mask.png``
+   (+ ``.probs.npy`` float32 ``[N, H, W]``); both get ``_overlay.png``. An input's files are
+   written through one ``AtomicFiles`` and appear together or not at all.
+
+A failing input is reported and counted; the others are still processed.
+
+A folder of plain images in paper mode is pipelined (``segment_files``): while the backend runs
+image i on one worker thread, the calling thread decodes image i+1 and then writes image i-1's
+outputs. At most one image is ahead of the device and one behind it. Files are written and
+committed only by the calling thread, so Ctrl-C/SIGTERM still discard the input in progress; log
+lines keep the input order.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from gsnet_deploy.errors import GSNetError
-from gsnet_deploy.io_names import IMAGES, LOGITS, TEXT_EMBEDS, TEXT_TOKENS
-from gsnet_deploy.runtime.backend import Backend
-from gsnet_deploy.runtime.images import load_image
-from gsnet_deploy.runtime.protocol import merge_paper_logits, paper_views
+from gsnet_deploy.contracts.atomic import AtomicFiles
+from gsnet_deploy.contracts.io_names import (
+    CLASS_MAP,
+    IMAGES,
+    LOGITS,
+    OUT_SIZE,
+    PAPER_IMAGE,
+    PROBS,
+    TEXT_EMBEDS,
+    TEXT_TOKENS,
+)
+from gsnet_deploy.errors import GSNetError, ImageError, VocabularyError
+from gsnet_deploy.runtime import outputs
+from gsnet_deploy.runtime.backend import Backend, GraphRunner
+from gsnet_deploy.runtime.images import MAX_PIXELS, LoadedImage, decodes_whole, load_image
+from gsnet_deploy.runtime.protocol import merge_paper_logits, paper_views, resize_shortest_edge
+from gsnet_deploy.runtime.tiling import WINDOW
 from gsnet_deploy.runtime.tokenizer import BpeTokenizer
 from gsnet_deploy.runtime.vocab import DEFAULT_TEMPLATE, TextEmbeddingCache, Vocabulary
 
 PAPER_MAX_SIDE = 1024  # --mode auto: paper protocol up to this long side, tiled above
+PAPER_MAX_PIXELS = 100_000_000  # --mode paper reads the whole image; refuse beyond this
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+DEMO_DIGEST_PREFIX = "demo-"  # model digests of demo weights (model.demo_digest)
+DEMO_MODEL_WARNING = "this model was exported from deterministic demo weights (no --checkpoint): its masks mean nothing"
+MAX_GSD_SCALE = 16.0  # --gsd-scale beyond this is almost surely a typo (256x the pixels)
 
 
 class Mode(enum.Enum):
     """How an image is cut into views."""
 
-    AUTO = "auto"  # paper up to 1024 px on the long side and for plain images, tiled beyond and for georeferenced rasters
+    AUTO = "auto"  # paper up to 1024 px on the long side for plain images; tiled beyond and for rasters
     PAPER = "paper"  # the paper's sliding-window protocol (image resized to 640x640, 4 tiles + global view)
     TILED = "tiled"  # 384-px windows at native resolution, overlapping, blended
+
+
+class InputKind(enum.Enum):
+    """How an input is read and which output convention it gets."""
+
+    RASTER = "raster"  # georeferenced: read in windows by rasterio, GeoTIFF outputs with its georeferencing
+    IMAGE = "image"  # plain image decoded whole by PIL, PNG/NPY outputs
+    WINDOWED_IMAGE = "windowed image"  # plain image too large for PIL (or --bands on a TIFF): rasterio windows, PNG/NPY
 
 
 @dataclass
@@ -51,6 +93,7 @@ class SegmentOptions:
     palette: Path | None = None
     template: str = DEFAULT_TEMPLATE
     progress: bool = True
+    overlay: bool = True  # library use only (benchmarks time inference without it); the CLI always writes it
 
 
 @dataclass
@@ -62,8 +105,84 @@ class SegmentReport:
     seconds: dict[Path, float] = field(default_factory=dict)
 
 
+@dataclass
+class InputResult:
+    """What ``segment_one`` wrote for one input.
+
+    Attributes:
+        paths: files written: mask, overlay, then probabilities when asked.
+        notes: conversions applied to the input (bands, stretch, scale).
+        kind: how the input was read.
+        mode: the protocol that ran.
+        windows: windows run through the image graph (tiled mode; 5 views count as 1 in paper mode).
+        skipped: windows skipped because they held only nodata.
+
+    """
+
+    paths: list[Path]
+    notes: list[str]
+    kind: InputKind
+    mode: Mode
+    windows: int = 0
+    skipped: int = 0
+
+
+def validate_run(paths: Sequence[Path], vocab: Vocabulary, options: SegmentOptions) -> None:
+    """Every check that needs neither the model nor the pixels, so a bad run fails in a second.
+
+    Raises:
+        GSNetError: an option is out of range, the vocabulary does not fit, ``--bands`` is given
+            for a plain image, or two inputs would write the same output names.
+
+    """
+    if not 0 <= options.overlap < WINDOW:
+        raise GSNetError(f"--overlap {options.overlap} must be between 0 and {WINDOW - 1} pixels; pick a smaller overlap")
+    if not (math.isfinite(options.gsd_scale) and 0 < options.gsd_scale <= MAX_GSD_SCALE):
+        raise GSNetError(f"--gsd-scale {options.gsd_scale} must be in (0, {MAX_GSD_SCALE:g}]; 1 keeps the native resolution")
+    if not options.max_memory > 0:
+        raise GSNetError(f"--max-memory {options.max_memory / 2**30:g} GiB must be positive; pass e.g. --max-memory 2")
+    validate_vocabulary(vocab, options.template)
+    if options.bands is not None:
+        plain = [p for p in paths if p.suffix.lower() not in RASTER_SUFFIXES]
+        if plain:
+            raise GSNetError(
+                f"--bands applies to rasters ({', '.join(RASTER_SUFFIXES)}), not to {plain[0]}; "
+                "drop --bands or segment the plain images in a separate run"
+            )
+    seen: dict[str, Path] = {}
+    for path in paths:
+        key = path.stem
+        if key in seen:
+            raise GSNetError(
+                f"inputs {seen[key]} and {path} would both write {key}_* outputs in {options.out_dir}; "
+                "rename one or segment them into different --out folders"
+            )
+        seen[key] = path
+
+
+def validate_vocabulary(vocab: Vocabulary, template: str = DEFAULT_TEMPLATE) -> None:
+    """Refuse vocabularies the class maps or CLIP's 77-token context cannot hold.
+
+    Raises:
+        VocabularyError: more than ``outputs.MAX_CLASSES`` classes, or a prompt over 77 tokens.
+
+    """
+    if len(vocab) > outputs.MAX_CLASSES:
+        raise VocabularyError(
+            f"{len(vocab)} classes do not fit the uint8 class map (at most {outputs.MAX_CLASSES}); use fewer classes"
+        )
+    tokenizer = BpeTokenizer()
+    for name, prompt in zip(vocab.names, vocab.prompts(template), strict=True):
+        count = len(tokenizer.encode(prompt)) + 2  # start and end tokens
+        if count > tokenizer.context_length:
+            raise VocabularyError(
+                f"class {name!r} makes a prompt of {count} tokens, more than CLIP's {tokenizer.context_length}; shorten it"
+            )
+
+
 def encode_vocabulary(backend: Backend, vocab: Vocabulary, template: str, cache: TextEmbeddingCache) -> np.ndarray:
     """Text embeddings ``[N, 512]`` of ``vocab``: from the cache, or the backend's text graph."""
+    validate_vocabulary(vocab, template)
     tokenizer = BpeTokenizer()
 
     def compute(prompts: list[str]) -> np.ndarray:
@@ -79,8 +198,71 @@ def segment_paper(backend: Backend, rgb: np.ndarray, text_embeds: np.ndarray) ->
     return merge_paper_logits(logits, views.height, views.width)
 
 
-def _is_raster(path: Path) -> bool:
-    """A file for the raster path: a TIFF-like suffix and georeferencing (or unreadable by PIL)."""
+PAPER_FALLBACK_NOTE = (
+    "the {name} backend has no paper protocol graphs (paper_encoder.onnx, paper_head.onnx): the paper "
+    "protocol runs in numpy on the host, which is slower; re-export the ONNX folder to run it on the device"
+)
+
+
+def protocol_runners(backend: Backend) -> tuple[GraphRunner, GraphRunner] | None:
+    """The backend's paper-protocol runners ``(encoder, head)``, or None when it has none.
+
+    A backend offers the device protocol through ``encoder`` and ``head`` runners; one without
+    them (an older ONNX folder, a stand-in) is run with the numpy protocol around its image graph.
+    """
+    try:
+        encoder = getattr(backend, "encoder", None)
+        head = getattr(backend, "head", None)
+    except (GSNetError, FileNotFoundError):  # a backend may raise when its folder lacks the graphs
+        return None
+    if encoder is None or head is None:
+        return None
+    return encoder, head
+
+
+def _class_map_dtype(num_classes: int) -> type[np.integer]:
+    return np.uint8 if num_classes <= 256 else np.int32
+
+
+def predict_paper(
+    backend: Backend, rgb: np.ndarray, text_embeds: np.ndarray, want_probs: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The paper protocol on one image: class map ``[H, W]`` and, when asked, probabilities ``[N, H, W]``.
+
+    The one seam between the orchestrator and the protocol's implementation. With a backend that
+    offers the device protocol (``protocol_runners``; its ``segment_paper`` when it has one, which
+    keeps the features on the device), only detectron2's ``ResizeShortestEdge`` (one
+    PIL resize) runs on the host: views, merge, resize and argmax run in the backend's graphs and
+    probabilities cross to the host only when ``want_probs``. Otherwise the numpy protocol runs
+    around the image graph (the reference). It writes nothing.
+    """
+    height, width = rgb.shape[:2]
+    num_classes = text_embeds.shape[0]
+    runners = protocol_runners(backend)
+    if runners is None:
+        probs = segment_paper(backend, rgb, text_embeds)  # [N, H, W]
+        class_map = np.argmax(probs, axis=0).astype(_class_map_dtype(num_classes))  # [H, W]
+        return class_map, (probs if want_probs else None)
+    encoder, head = runners
+    resized = resize_shortest_edge(rgb)  # [h, w, 3] uint8
+    image = np.ascontiguousarray(resized.transpose(2, 0, 1)[None])  # [1, 3, h, w] uint8
+    combined = getattr(backend, "segment_paper", None)
+    if callable(combined):  # the backend keeps the features on its device (torch)
+        out = combined(image, text_embeds, (height, width), with_probs=want_probs)
+    else:
+        features = encoder.run({PAPER_IMAGE: image})
+        feeds = {**features, TEXT_EMBEDS: text_embeds, OUT_SIZE: np.array([height, width], dtype=np.int64)}
+        wanted = (CLASS_MAP, PROBS) if want_probs else (CLASS_MAP,)
+        out = head.run(feeds, outputs=wanted)
+    class_map = out[CLASS_MAP].astype(_class_map_dtype(num_classes), copy=False)  # [H, W]
+    if class_map.shape != (height, width):
+        raise GSNetError(f"the {backend.name} paper head returned a {class_map.shape} class map for a {width}x{height} image")
+    device_probs = out[PROBS].astype(np.float32, copy=False) if want_probs else None  # [N, H, W]
+    return class_map, device_probs
+
+
+def is_raster(path: Path) -> bool:
+    """A file for the raster path: a TIFF-like suffix and georeferencing."""
     if path.suffix.lower() not in RASTER_SUFFIXES:
         return False
     try:
@@ -93,11 +275,202 @@ def _is_raster(path: Path) -> bool:
         return False
 
 
-def resolve_mode(mode: Mode, height: int, width: int) -> Mode:
-    """The protocol for an image of this size under ``mode`` (AUTO decides by the long side)."""
-    if mode is not Mode.AUTO:
-        return mode
-    return Mode.PAPER if max(height, width) <= PAPER_MAX_SIDE else Mode.TILED
+def input_kind(path: Path, bands: tuple[int, ...] | None = None) -> InputKind:
+    """How ``path`` is read: georeferenced raster, whole plain image, or plain image in windows."""
+    if is_raster(path):
+        return InputKind.RASTER
+    if bands is not None and path.suffix.lower() in RASTER_SUFFIXES:
+        return InputKind.WINDOWED_IMAGE  # --bands needs rasterio's band access
+    return InputKind.WINDOWED_IMAGE if decodes_whole(path) is False else InputKind.IMAGE
+
+
+_KIND_NOTE = {InputKind.RASTER: "georeferenced raster", InputKind.IMAGE: "", InputKind.WINDOWED_IMAGE: "read in windows"}
+
+
+def choose_mode(requested: Mode, kind: InputKind, height: int, width: int) -> Mode:
+    """The protocol for an input (the only place the mode is decided).
+
+    ``AUTO``: rasters and windowed images are tiled; plain images use the paper protocol up to
+    ``PAPER_MAX_SIDE`` on the long side and are tiled beyond. An explicit mode is kept, but the
+    paper protocol reads the whole image, so it is refused beyond ``PAPER_MAX_PIXELS``.
+
+    Raises:
+        ImageError: ``--mode paper`` on an image too large to read whole.
+
+    """
+    if requested is Mode.AUTO:
+        if kind is InputKind.IMAGE and max(height, width) <= PAPER_MAX_SIDE:
+            return Mode.PAPER
+        return Mode.TILED
+    if requested is Mode.PAPER and height * width > PAPER_MAX_PIXELS:
+        raise ImageError(
+            f"{width}x{height} is too large for --mode paper (it reads the whole image; at most "
+            f"{PAPER_MAX_PIXELS // 1_000_000} MP); use --mode tiled"
+        )
+    return requested
+
+
+def segment_one(
+    path: str | Path,
+    backend: Backend,
+    text_embeds: np.ndarray,
+    class_names: list[str],
+    options: SegmentOptions,
+    palette: np.ndarray | None = None,
+    kind: InputKind | None = None,
+    log: Callable[[str], None] | None = None,
+    loaded: LoadedImage | None = None,
+    paper: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] | None = None,
+) -> InputResult:
+    """Segment one input and write its outputs as one set (see the module docstring).
+
+    Args:
+        path: the input file.
+        backend: an entered backend.
+        text_embeds: float32 ``[N, 512]``.
+        class_names: N display names (legend, GeoTIFF tags).
+        options: the run's options (``out_dir`` must exist).
+        palette: uint8 ``[N, 3]`` colors (default: ``palette.default_palette``).
+        kind: how to read the input (default: ``input_kind``).
+        log: where to say which mode runs (default: nowhere).
+        loaded: the input already decoded (``InputKind.IMAGE`` only; default: decode it here).
+        paper: class map and probabilities of the whole RGB image under the paper protocol
+            (default: ``predict_paper`` on ``backend``; the folder pipeline passes a finished result).
+
+    Raises:
+        GSNetError: the input cannot be read, is too large for the mode, or its outputs cannot be
+            written; no output of this input is left behind.
+
+    """
+    from gsnet_deploy.runtime.palette import default_palette
+    from gsnet_deploy.runtime.rows import ArraySource, RowSource, plan_source_sink
+    from gsnet_deploy.runtime.tiled import run_tiled
+
+    path = Path(path)
+    out = Path(options.out_dir)
+    stem = path.stem
+    num_classes = len(class_names)
+    palette = default_palette(num_classes) if palette is None else palette
+    if palette.shape != (num_classes, 3) or num_classes != text_embeds.shape[0]:
+        raise GSNetError(
+            f"{num_classes} class names, {text_embeds.shape[0]} text embeddings and a palette of "
+            f"{palette.shape[0]} colors do not agree; pass one of each per class"
+        )
+    kind = input_kind(path, options.bands) if kind is None else kind
+    notes: list[str] = []
+    reader = None
+    rgb_whole: np.ndarray | None = None
+    try:
+        with AtomicFiles() as files:
+            if kind is InputKind.IMAGE:
+                loaded = load_image(path) if loaded is None else loaded
+                notes += loaded.notes
+                rgb_whole = loaded.rgb
+                source: RowSource = ArraySource(loaded.rgb)
+            else:
+                from gsnet_deploy.runtime import raster
+
+                reader = raster.RasterReader(path, options.bands).__enter__()
+                if kind is InputKind.WINDOWED_IMAGE and reader.height * reader.width > MAX_PIXELS:
+                    raise ImageError(
+                        f"image {path} claims {reader.width}x{reader.height} pixels, more than the "
+                        f"{MAX_PIXELS // 1_000_000} MP a plain image may have; is it a decompression bomb?"
+                    )
+                notes += reader.notes
+                source = reader
+            height, width = source.height, source.width
+            mode = choose_mode(options.mode, kind, height, width)
+            if log is not None:
+                extra = f" ({_KIND_NOTE[kind]})" if _KIND_NOTE[kind] else (" (long side > 1024)" if mode is Mode.TILED else "")
+                log(f"{path}: {width}x{height}, {mode.value} mode{extra}")
+            sink: outputs.MaskSink
+            if kind is InputKind.RASTER:
+                from gsnet_deploy.runtime import raster
+
+                assert reader is not None
+                sink = raster.GeoTiffMaskSink(reader, files, out, stem, class_names, palette, save_probs=options.save_probs)
+            else:
+                sink = outputs.PlainMaskSink(files, out, stem, num_classes, height, width, save_probs=options.save_probs)
+            ran = skipped = 0
+            try:
+                if mode is Mode.PAPER:
+                    rgb, valid = source.read(0, height, 0, width)  # [H, W, 3]
+                    rgb = np.ascontiguousarray(rgb)
+                    if paper is None:
+                        class_map, probs = predict_paper(backend, rgb, text_embeds, options.save_probs)
+                    else:
+                        class_map, probs = paper(rgb)
+                    sink.write_labels(0, class_map, valid, probs)
+                    ran = 1
+                else:
+                    src, snk = plan_source_sink(source, sink, options.gsd_scale)
+                    if src is not source:
+                        notes.append(f"resampled by --gsd-scale {options.gsd_scale:g} to {src.width}x{src.height} for tiling")
+                    ran, skipped = run_tiled(
+                        src, snk, backend, text_embeds, overlap=options.overlap, max_memory=options.max_memory,
+                        progress=options.progress, desc=path.name,
+                    )  # fmt: skip
+                paths = sink.close()
+                if options.overlay:
+                    labels = sink.preview(outputs.OVERLAY_MAX_SIDE)
+                    rgb_preview = reader.read_preview(outputs.OVERLAY_MAX_SIDE) if reader is not None else rgb_whole
+                    assert rgb_preview is not None
+                    overlay = outputs.write_overlay(
+                        files, out / f"{stem}_overlay.png", rgb_preview, labels, class_names, palette, nodata=sink.nodata
+                    )
+                    paths.insert(1, overlay)
+            except BaseException:
+                sink.abort()
+                raise
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ImageError(f"cannot write outputs of {path} in {out} ({reason}); check free space and permissions") from exc
+    finally:
+        if reader is not None:
+            reader.close()
+    return InputResult(paths=paths, notes=notes, kind=kind, mode=mode, windows=ran, skipped=skipped)
+
+
+def segment_raster(
+    path: str | Path,
+    backend: Backend,
+    text_embeds: np.ndarray,
+    *,
+    out_dir: str | Path,
+    class_names: list[str],
+    palette: np.ndarray,
+    bands: tuple[int, ...] | None = None,
+    overlap: int = 128,
+    gsd_scale: float = 1.0,
+    max_memory: int = 2 << 30,
+    save_probs: bool = False,
+    overlay: bool = True,
+    progress: bool = True,
+) -> InputResult:
+    """Tiled mode on one raster into ``<stem>_mask.tif`` (+ ``_overlay.png``, ``_probs.tif``): ``segment_one`` for scripts.
+
+    Raises:
+        GSNetError: as ``segment_one``; the budget or an option is out of range.
+
+    """
+    options = SegmentOptions(
+        out_dir=Path(out_dir), mode=Mode.TILED, save_probs=save_probs, overlap=overlap, gsd_scale=gsd_scale,
+        max_memory=max_memory, bands=bands, progress=progress, overlay=overlay,
+    )  # fmt: skip
+    if not 0 <= overlap < WINDOW:
+        raise GSNetError(f"--overlap {overlap} must be between 0 and {WINDOW - 1} pixels; pick a smaller overlap")
+    outputs.prepare_out_dir(out_dir)
+    return segment_one(path, backend, text_embeds, class_names, options, palette, kind=InputKind.RASTER)
+
+
+def demo_warning(backend: Backend) -> str | None:
+    """The demo-weights warning for an ONNX or TensorRT model made from demo weights, else None.
+
+    (The torch backend prints its own when it builds the demo model.)
+    """
+    if backend.name != "torch" and str(backend.model_digest).startswith(DEMO_DIGEST_PREFIX):
+        return DEMO_MODEL_WARNING
+    return None
 
 
 def segment_files(
@@ -109,52 +482,108 @@ def segment_files(
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> SegmentReport:
     """Segment every input with an entered ``backend``; one input's failure does not stop the others."""
-    from gsnet_deploy.runtime.outputs import prepare_out_dir, write_outputs
     from gsnet_deploy.runtime.palette import resolve_palette
 
+    validate_run(paths, vocab, options)
     report = SegmentReport()
     class_names = list(vocab.display_names)
     palette = resolve_palette(class_names, options.palette)
-    prepare_out_dir(options.out_dir)
+    outputs.prepare_out_dir(options.out_dir)
+    warning = demo_warning(backend)
+    if warning:
+        log(f"warning: {warning}")
     text_embeds = encode_vocabulary(backend, vocab, options.template, cache)
-    for path in paths:
+    fallback_said = protocol_runners(backend) is not None
+    for path, run in _pipelined(paths, backend, text_embeds, options):
         start = time.perf_counter()
         try:
-            if _is_raster(path) and options.mode is not Mode.PAPER:
-                from gsnet_deploy.runtime.tiled import segment_tiled
-
-                log(f"{path}: georeferenced raster, tiled mode (384-px windows, overlap {options.overlap})")
-                result = segment_tiled(
-                    path, backend, text_embeds, out_dir=options.out_dir, class_names=class_names, palette=palette,
-                    bands=options.bands, overlap=options.overlap, gsd_scale=options.gsd_scale,
-                    max_memory=options.max_memory, save_probs=options.save_probs, progress=options.progress,
-                )  # fmt: skip
-                for note in result.notes:
-                    log(f"{path}: note: {note}")
-                written = result.paths
-            else:
-                loaded = load_image(path)
-                for note in loaded.notes:
-                    log(f"{path}: note: {note}")
-                h, w = loaded.rgb.shape[:2]
-                mode = resolve_mode(options.mode, h, w)
-                if options.mode is Mode.AUTO:
-                    log(f"{path}: {w}x{h}, {mode.value} mode" + (" (long side > 1024)" if mode is Mode.TILED else ""))
-                if mode is Mode.PAPER:
-                    probs = segment_paper(backend, loaded.rgb, text_embeds)
-                else:
-                    from gsnet_deploy.runtime.tiled import segment_tiled_array
-
-                    probs = segment_tiled_array(
-                        loaded.rgb, backend, text_embeds, overlap=options.overlap, gsd_scale=options.gsd_scale,
-                        max_memory=options.max_memory, progress=options.progress,
-                    )  # fmt: skip
-                written = write_outputs(path.stem, options.out_dir, loaded.rgb, probs, class_names, palette, options.save_probs)
+            result = run(class_names, palette, log)
         except GSNetError as exc:
             report.failed.append((path, str(exc)))
             log(f"{path}: error: {exc}")
             continue
-        report.written[path] = written
+        if result.mode is Mode.PAPER and not fallback_said:
+            log(f"note: {PAPER_FALLBACK_NOTE.format(name=backend.name)}")
+            fallback_said = True
+        for note in result.notes:
+            log(f"{path}: note: {note}")
+        report.written[path] = result.paths
         report.seconds[path] = time.perf_counter() - start
-        log(f"{path}: wrote {written[0]} ({report.seconds[path]:.1f} s)")
+        log(f"{path}: wrote {result.paths[0]} ({report.seconds[path]:.1f} s)")
     return report
+
+
+_Run = Callable[[list[str], np.ndarray, Callable[[str], None]], InputResult]
+
+
+@dataclass
+class _Staged:
+    """One input of the folder pipeline: decoded (paper mode) or left to ``segment_one`` whole."""
+
+    path: Path
+    loaded: LoadedImage | None = None  # decoded plain image bound for paper mode
+    error: GSNetError | None = None  # decoding failed: reported in its turn
+    device: Future[tuple[np.ndarray, np.ndarray | None]] | None = None
+
+
+def _stage(path: Path, options: SegmentOptions) -> _Staged:
+    """Decode ``path`` ahead of its turn when it is a plain image bound for paper mode (the host-before step)."""
+    try:
+        if options.bands is not None or input_kind(path, options.bands) is not InputKind.IMAGE:
+            return _Staged(path)
+        loaded = load_image(path)
+        height, width = loaded.rgb.shape[:2]
+        if choose_mode(options.mode, InputKind.IMAGE, height, width) is not Mode.PAPER:
+            return _Staged(path)  # tiled: segment_one reads it again (rare: long side over 1024)
+        return _Staged(path, loaded=loaded)
+    except GSNetError as exc:
+        return _Staged(path, error=exc)
+
+
+def _pipelined(
+    paths: Sequence[Path], backend: Backend, text_embeds: np.ndarray, options: SegmentOptions
+) -> Iterator[tuple[Path, _Run]]:
+    """Yield each input with a function that finishes it (writes its outputs), in input order.
+
+    Paper-mode images run on the backend in one worker thread: image i+1 is decoded while image i
+    is on the device, and image i is written (by the caller, on return from the yielded function)
+    while image i+1 is on the device. Everything else runs whole in ``segment_one`` in its turn.
+    """
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsnet-device")
+
+    def submit(staged: _Staged) -> None:
+        if staged.loaded is not None:
+            rgb = np.ascontiguousarray(staged.loaded.rgb)
+            staged.device = worker.submit(predict_paper, backend, rgb, text_embeds, options.save_probs)
+
+    def finisher(staged: _Staged) -> _Run:
+        def run(class_names: list[str], palette: np.ndarray, log: Callable[[str], None]) -> InputResult:
+            if staged.error is not None:
+                raise staged.error
+            device = staged.device
+            paper = None if device is None else (lambda rgb: device.result())
+            return segment_one(
+                staged.path, backend, text_embeds, class_names, options, palette, log=log,
+                kind=InputKind.IMAGE if staged.loaded is not None else None, loaded=staged.loaded, paper=paper,
+            )  # fmt: skip
+
+        return run
+
+    try:
+        current = _stage(paths[0], options) if paths else None
+        if current is not None:
+            submit(current)
+        for index in range(len(paths)):
+            assert current is not None
+            following = _stage(paths[index + 1], options) if index + 1 < len(paths) else None  # decode i+1
+            if current.device is not None:
+                wait([current.device])  # image i done on the device (its errors surface when it is written)
+            early = current.loaded is not None  # image i only has its outputs left to write: the device is free
+            if early and following is not None:
+                submit(following)  # device on image i+1 ...
+            yield current.path, finisher(current)  # ... while image i is written
+            if not early and following is not None:
+                submit(following)  # image i ran whole on the backend: image i+1 only now
+            current = following
+    finally:
+        worker.shutdown(wait=False, cancel_futures=True)

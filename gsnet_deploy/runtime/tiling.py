@@ -242,7 +242,7 @@ class StripAccumulator:
             raise RuntimeError("accumulator already finished")
         if window.row < self._row:
             raise ValueError(f"windows must come in row order: got row {window.row} after row {self._row}")
-        finished = self._advance(window.row) if window.row > self._row else []
+        finished = list(self.advance(window.row)) if window.row > self._row else []
         h, w = window.height, window.width
         r = window.row_off - self._top
         cols = slice(window.col_off, window.col_off + w)
@@ -252,28 +252,37 @@ class StripAccumulator:
         self._valid[r : r + h, cols] |= True if valid is None else valid
         return finished
 
-    def finish(self) -> list[FinishedRows]:
-        """Emit every remaining row (call once, after the last window)."""
+    @property
+    def row(self) -> int:
+        """The window row the strip is at."""
+        return self._row
+
+    def finish(self) -> Iterator[FinishedRows]:
+        """Emit every remaining row (call once, after the last window); bands come lazily."""
         if self._done:
-            return []
+            return iter(())
         self._done = True
         return self._emit(self.grid.height - self._top)
 
-    def _advance(self, row: int) -> list[FinishedRows]:
-        """Move to window row ``row``: emit rows above its start and shift the strip up."""
+    def advance(self, row: int) -> Iterator[FinishedRows]:
+        """Move to window row ``row``: yield the rows above its start and shift the strip up.
+
+        Bands are made one at a time as the caller iterates, so a long run of skipped (nodata)
+        window rows never sits in memory whole; consume the iterator before the next ``add``.
+        """
+        if self._done:
+            raise RuntimeError("accumulator already finished")
         self._row = row
         new_top = self._row_starts[row]
         return self._emit(new_top - self._top)
 
-    def _emit(self, count: int) -> list[FinishedRows]:
-        """Hand out the top ``count`` rows normalized, in bands of at most ``EMIT_ROWS`` rows."""
-        out: list[FinishedRows] = []
+    def _emit(self, count: int) -> Iterator[FinishedRows]:
+        """Yield the top ``count`` rows normalized, in bands of at most ``EMIT_ROWS`` rows."""
         chunk = min(self._wsum.shape[0], EMIT_ROWS)
         while count > 0:
             n = min(count, chunk)
-            out.append(self._emit_chunk(n))
+            yield self._emit_chunk(n)
             count -= n
-        return out
 
     def _emit_chunk(self, count: int) -> FinishedRows:
         """Normalize the top ``count`` strip rows (``count <= strip``) and shift the strip up by ``count``."""

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gsnet_deploy.contracts.atomic import write_with
 from gsnet_deploy.errors import VocabularyError
 
 DEFAULT_TEMPLATE = "A photo of a {} in the scene"
@@ -104,14 +104,24 @@ def text_cache_key(prompts: Sequence[str], template: str, model_digest: str) -> 
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
-class TextEmbeddingCache:
-    """Text embeddings on disk, one ``.npy`` per (vocabulary, template, model digest)."""
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
-    def __init__(self, directory: str | Path | None) -> None:
+
+class TextEmbeddingCache:
+    """Text embeddings on disk, one ``.npy`` per (vocabulary, template, model digest).
+
+    Best effort: a cache that cannot be written (read-only home in a container or HPC job) is
+    reported once through ``warn`` and the run goes on without it.
+    """
+
+    def __init__(self, directory: str | Path | None, warn: Callable[[str], None] = _warn_stderr) -> None:
         """Use ``directory`` (created on first write); None disables caching."""
         self.directory = Path(directory) if directory is not None else None
         self.hits = 0
         self.misses = 0
+        self._warn = warn
+        self._warned = False
 
     def get_or_compute(
         self, vocab: Vocabulary, template: str, model_digest: str, compute: Callable[[list[str]], np.ndarray]
@@ -132,18 +142,24 @@ class TextEmbeddingCache:
         self.misses += 1
         embeds = np.ascontiguousarray(compute(prompts), dtype=np.float32)
         if path is not None:
-            _atomic_save_npy(path, embeds)
+            try:
+                _save_npy(path, embeds)
+            except OSError as exc:
+                if not self._warned:
+                    self._warned = True
+                    self._warn(
+                        f"cannot write the text-embedding cache in {self.directory} ({exc.strerror or exc}); "
+                        "continuing without it (set GSNET_CACHE_DIR to a writable folder or pass --no-cache)"
+                    )
         return embeds
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` through a temporary file in the same folder."""
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` atomically (``contracts.atomic``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_with(path, write)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,12 +114,16 @@ def test_evaluate_unreadable_image_is_skipped_and_counted(make_dataset, synth, t
     assert "skipped" in report.format_table()
 
 
-def test_evaluate_mask_size_mismatch_names_mask(make_dataset, tmp_path: Path) -> None:
-    written = make_dataset(POTSDAM, n=2)
+def test_evaluate_mask_size_mismatch_is_skipped_like_a_corrupt_one(make_dataset, tmp_path: Path) -> None:
+    """One rule (issue 11): a wrong-size mask and a corrupt mask are both skipped, listed and counted."""
+    written = make_dataset(POTSDAM, n=3)
     Image.fromarray(np.zeros((16, 23), dtype=np.uint8)).save(written[1][1])
+    written[2][1].write_bytes(b"\x89PNG\r\n\x1a\n corrupt")
     pairs = list_pairs(POTSDAM, tmp_path / "root")
-    with pytest.raises(DatasetError, match=r"ann_dir/val/tile_001\.png' is 23x16 but its image is 24x16"):
-        evaluate(POTSDAM, pairs, {"p": lambda im: np.zeros(im.shape[:2], np.int64)}, progress=False)
+    report = evaluate(POTSDAM, pairs, {"p": lambda im: np.zeros(im.shape[:2], np.int64)}, progress=False)
+    assert report.num_evaluated == 1 and len(report.skipped) == 2
+    assert re.search(r"ann_dir/val/tile_001\.png' is 23x16 but its image is 24x16", report.skipped[0].reason)
+    assert "tile_002.png" in report.skipped[1].reason
 
 
 def test_evaluate_out_of_range_label_names_mask(make_dataset, tmp_path: Path) -> None:
@@ -127,8 +132,9 @@ def test_evaluate_out_of_range_label_names_mask(make_dataset, tmp_path: Path) ->
     labels[0, 0] = 40
     Image.fromarray(labels).save(written[0][1])
     pairs = list_pairs(FAST, tmp_path / "root")
-    with pytest.raises(DatasetError, match=r"semlabels/gray/tile_000\.png' holds label values 40"):
-        evaluate(FAST, pairs, {"p": lambda im: np.zeros(im.shape[:2], np.int64)}, progress=False)
+    report = evaluate(FAST, pairs, {"p": lambda im: np.zeros(im.shape[:2], np.int64)}, progress=False)
+    assert len(report.skipped) == 1
+    assert re.search(r"semlabels/gray/tile_000\.png' holds label values 40", report.skipped[0].reason)
 
 
 def test_evaluate_limit(make_dataset, synth, tmp_path: Path) -> None:

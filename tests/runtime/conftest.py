@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from gsnet_deploy.io_names import IMAGES, LOGITS, TEXT_EMBEDS
+from gsnet_deploy.contracts.io_names import IMAGES, LOGITS, TEXT_EMBEDS
 
 
 class LinearImageRunner:

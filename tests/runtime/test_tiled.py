@@ -19,7 +19,8 @@ import rasterio
 from gsnet_deploy.errors import GSNetError, ImageError, RasterError
 from gsnet_deploy.runtime.palette import default_palette
 from gsnet_deploy.runtime.resize import resize_bilinear
-from gsnet_deploy.runtime.tiled import segment_tiled, segment_tiled_array
+from gsnet_deploy.runtime.segment import segment_raster as segment_tiled
+from gsnet_deploy.runtime.tiled import segment_tiled_array
 
 S = 384
 
@@ -138,7 +139,7 @@ def test_segment_tiled_keeps_georeferencing(tmp_path: Path, fakes: SimpleNamespa
         save_probs=True,
         progress=False,
     )
-    assert [p.name for p in result.paths] == ["scene_mask.tif", "scene_probs.tif", "scene_overlay.png"]
+    assert [p.name for p in result.paths] == ["scene_mask.tif", "scene_overlay.png", "scene_probs.tif"]
     assert sorted(p.name for p in out.iterdir()) == ["scene_mask.tif", "scene_overlay.png", "scene_probs.tif"]
     assert result.windows == 12 and result.skipped == 0
     with (
@@ -392,7 +393,7 @@ def test_segment_tiled_gsd_scale_keeps_native_grid(tmp_path: Path, fakes: Simple
         overlay=False,
     )
     assert any("gsd-scale 1.7" in n for n in result.notes)
-    with rasterio.open(src) as a, rasterio.open(result.paths[0]) as m, rasterio.open(result.paths[1]) as p:
+    with rasterio.open(src) as a, rasterio.open(result.paths[0]) as m, rasterio.open(result.paths[-1]) as p:
         assert (m.width, m.height) == (420, 500) and m.transform == a.transform and m.crs == a.crs
         mask, probs = m.read(1), p.read()
     assert (mask[:300] == 0).all() and (mask[301:] == 255).all()  # row 300 borders nodata after resampling
