@@ -71,3 +71,34 @@ def standin_graphs():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+HEAVY_LOCK = Path("/tmp/gsnet-heavy.lock")  # one job over ~3 GB at a time on a shared machine
+
+
+@pytest.fixture(scope="session")
+def paper_onnx_dir(tmp_path_factory) -> Path:
+    """The paper-size GSNet (demo weights) exported to ONNX once per session (~2 min, ~8 GB; slow tests only).
+
+    ``GSNET_PAPER_ONNX_DIR`` names an existing export of ``build_gsnet(paper_cfg())`` to reuse instead.
+    The export holds ``/tmp/gsnet-heavy.lock`` so that it never runs beside another heavy job.
+    """
+    reuse = os.environ.get("GSNET_PAPER_ONNX_DIR")
+    if reuse:
+        path = Path(reuse)
+        if not (path / "image_graph.onnx").is_file():
+            pytest.fail(f"GSNET_PAPER_ONNX_DIR={reuse} has no image_graph.onnx")
+        return path
+    import fcntl
+
+    from gsnet_deploy.export.onnx import export_onnx
+    from gsnet_deploy.model import build_gsnet, paper_cfg
+
+    out = tmp_path_factory.mktemp("paper_onnx") / "onnx"
+    with HEAVY_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            export_onnx(build_gsnet(paper_cfg()).eval(), out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out

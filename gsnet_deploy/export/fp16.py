@@ -12,51 +12,27 @@ with Cast nodes at the boundaries. Graph inputs and outputs keep their FP32 type
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gsnet_deploy.calib.modelopt_import import modelopt_without_stub_tensorrt
 from gsnet_deploy.errors import ExportError
-from gsnet_deploy.tensorrt_import import find_tensorrt
+from gsnet_deploy.export.onnx_save import save_onnx_atomic
 
 if TYPE_CHECKING:
     import onnx
 
-# NOTE: AutoCast of a Q/DQ model keeps QuantizeLinear / DequantizeLinear (scales, dequantized
-# values) in FP32. Converted to FP16 they doubled the tiny config's logit error against FP32
-# (relative L2 0.08 against 0.04 with them kept in FP32, example images, N=6).
+# NOTE: the ``best`` model (AutoCast of the Q/DQ model) converts Q/DQ nodes too: DQ scales become FP16
+# as in ModelOpt's own INT8+FP16 path (``quantize(high_precision_dtype="fp16")``), so no Cast sits
+# between a DequantizeLinear and its Conv/MatMul, the pattern TensorRT fuses into INT8 kernels
+# (``casts_after_dequantize``). Tiny config, 1 example image calibrated, 2 views, N=6, rel. L2 to
+# FP32: Q/DQ FP16 0.342, Q/DQ kept FP32 (a Cast after each of the 145 DQ) 0.400, INT8 alone 0.400.
+# ``QDQ_OP_TYPES`` stays for callers that want the old placement.
 QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
-
-# Protobuf cannot serialize a single message over 2 GiB; larger models keep weights outside.
-_PROTOBUF_LIMIT = 2_000_000_000
-
-
-@contextlib.contextmanager
-def modelopt_without_stub_tensorrt() -> Iterator[None]:
-    """Stop ModelOpt from mistaking the ``tensorrt-stubs`` namespace package for TensorRT.
-
-    NOTE: with only ``tensorrt-stubs`` installed, ``import tensorrt`` succeeds as an empty namespace
-    package, ModelOpt sets ``trt_utils.TRT_PYTHON_AVAILABLE`` and then fails on ``trt.Logger`` while
-    looking for plugin ops. Where TensorRT is not really present (no ``tensorrt.Builder``), the flag is
-    set to False for the duration of the call and restored afterwards.
-    """
-    if importlib.util.find_spec("tensorrt") is None or find_tensorrt() is not None:
-        yield  # no tensorrt at all, or the real one: ModelOpt's own detection is right
-        return
-    from modelopt.onnx import trt_utils
-
-    saved = getattr(trt_utils, "TRT_PYTHON_AVAILABLE", False)
-    trt_utils.TRT_PYTHON_AVAILABLE = False
-    try:
-        yield
-    finally:
-        trt_utils.TRT_PYTHON_AVAILABLE = saved
 
 
 @contextlib.contextmanager
@@ -102,33 +78,56 @@ def drop_ambiguous_dims(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def save_onnx_atomic(model: onnx.ModelProto, path: Path) -> Path:
-    """Save an ONNX model to ``path`` through a temporary file and ``os.replace``.
+@contextlib.contextmanager
+def streamed_reference_run(batches: Sequence[Mapping[str, np.ndarray]] | None) -> Iterator[None]:
+    """Make AutoCast's reference run stream ``batches`` with in-graph range reductions (None: leave it alone).
 
-    Models over protobuf's 2 GiB limit store their weights in ``<name>.data`` beside the file; the
-    data file is moved into place before the model file.
+    NOTE: AutoCast's own ``ReferenceRunner.run`` (ModelOpt 0.47) marks every tensor as a graph output
+    and keeps all of them for every batch (paper-size image graph: DINO's attention maps alone are
+    ~0.8 GB per block per view), and it splits an NPZ file's arrays into batches along axis 0 of
+    *every* input, which cuts ``text_embeds`` by class: with fewer classes than views one batch got
+    an empty ``[0, 512]`` and ONNX Runtime failed at the first Swin reshape (the 4-class failure).
+    Here each batch runs whole, and only absmax / min / max / shape per tensor come back, as the
+    ``TensorStats`` AutoCast aggregates for several batches itself.
     """
-    import onnx
+    if batches is None:
+        yield
+        return
+    from modelopt.onnx.autocast import referencerunner
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        tmp_model = Path(tmp) / path.name
-        if model.ByteSize() > _PROTOBUF_LIMIT:
-            data_name = f"{path.name}.data"
-            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        else:
-            onnx.save_model(model, tmp_model)
-        os.replace(tmp_model, path)
-    return path
+    from gsnet_deploy.calib import stats
+
+    def run(self: Any, inputs: Any = None) -> dict[str, Any]:
+        del inputs
+        bar = stats.Progress(len(batches), "FP16 AutoCast reference run", unit="batch")
+        try:
+            ranges = stats.tensor_ranges(self.model, ({k: np.asarray(v) for k, v in b.items()} for b in batches), progress=bar)
+        finally:
+            bar.close()
+        return {
+            name: referencerunner.TensorStats(absmax=r.absmax, min_val=r.min, max_val=r.max, shape=r.shape)
+            for name, r in ranges.items()
+        }
+
+    saved = referencerunner.ReferenceRunner.run
+    referencerunner.ReferenceRunner.run = run
+    try:
+        yield
+    finally:
+        referencerunner.ReferenceRunner.run = saved
+
+
+def casts_after_dequantize(model: onnx.ModelProto) -> list[str]:
+    """Names of the Cast nodes that read a DequantizeLinear output directly (empty on a well-made ``best`` model)."""
+    dq_outputs = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return [node.name for node in model.graph.node if node.op_type == "Cast" and set(node.input) & dq_outputs]
 
 
 def make_fp16_onnx(
     src: Path,
     dst: Path,
     *,
-    reference_feeds: Mapping[str, np.ndarray] | None = None,
+    reference_feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
     data_max: float = 512.0,
     op_types_to_exclude: Sequence[str] = (),
 ) -> Path:
@@ -138,8 +137,11 @@ def make_fp16_onnx(
         src: FP32 ONNX model.
         dst: where to write the mixed-precision model.
         reference_feeds: one input batch by graph input name (e.g. calibration views and text
-            embeddings); AutoCast runs the model on it to find nodes whose values leave FP16's range.
-            None: AutoCast's random inputs in [-1, 1], which say little about a graph fed 0..255 pixels.
+            embeddings), or a sequence of such batches; the FP32 model runs on each, batch by batch, to
+            find nodes whose values leave FP16's range (``calib.stats.tensor_ranges``: the ranges are
+            reduced inside the graph, so memory is one plain inference of one batch; one view per
+            batch is the least). None: AutoCast's random inputs in [-1, 1], which say little about a
+            graph fed 0..255 pixels.
         data_max: AutoCast's largest absolute activation kept in FP16 (its default, 512: FP16's
             spacing there is 0.5).
         op_types_to_exclude: op types AutoCast must keep in FP32 (``QDQ_OP_TYPES`` for a Q/DQ model).
@@ -149,6 +151,7 @@ def make_fp16_onnx(
 
     Raises:
         ExportError: AutoCast failed on the model.
+        InsufficientMemoryError: the host clearly has too little memory (checked before any work).
 
     """
     from modelopt.onnx.autocast import convert_to_mixed_precision
@@ -156,27 +159,29 @@ def make_fp16_onnx(
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise ExportError(f"ONNX model {src} does not exist; run `gsnet export onnx` first.")
-    with tempfile.TemporaryDirectory(prefix=".autocast.") as tmp:
-        calibration: str | None = None
-        if reference_feeds is not None:
-            calibration = str(Path(tmp) / "reference_feeds.npz")
-            arrays: dict[str, Any] = {name: np.asarray(value) for name, value in reference_feeds.items()}
-            np.savez(calibration, **arrays)
-        try:
-            with modelopt_without_stub_tensorrt(), quiet_modelopt():
-                model = convert_to_mixed_precision(
-                    onnx_path=str(src),
-                    low_precision_type="fp16",
-                    keep_io_types=True,
-                    calibration_data=calibration,
-                    data_max=data_max,
-                    op_types_to_exclude=list(op_types_to_exclude) or None,
-                    providers=["cpu"],
-                )
-        except Exception as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ExportError(
-                f"ModelOpt AutoCast could not convert {src} to FP16 ({first}); "
-                "retry with another --classes-opt or report the ONNX model."
-            ) from err
+    batches: list[Mapping[str, np.ndarray]] | None = None
+    if reference_feeds is not None:
+        batches = [reference_feeds] if isinstance(reference_feeds, Mapping) else list(reference_feeds)
+    from gsnet_deploy.calib.memory import autocast_bytes, require_memory
+    from gsnet_deploy.contracts import io_names
+
+    embeds = batches[0].get(io_names.TEXT_EMBEDS) if batches else None
+    require_memory(autocast_bytes(src, 0 if embeds is None else len(embeds)), f"FP16 AutoCast of {src.name}")
+    try:
+        with modelopt_without_stub_tensorrt(), quiet_modelopt(), streamed_reference_run(batches):
+            model = convert_to_mixed_precision(
+                onnx_path=str(src),
+                low_precision_type="fp16",
+                keep_io_types=True,
+                calibration_data=None,
+                data_max=data_max,
+                op_types_to_exclude=list(op_types_to_exclude) or None,
+                providers=["cpu"],
+            )
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ExportError(
+            f"ModelOpt AutoCast could not convert {src} to FP16 ({first}); "
+            "retry with another --classes-opt or report the ONNX model."
+        ) from err
     return save_onnx_atomic(drop_ambiguous_dims(model), dst)

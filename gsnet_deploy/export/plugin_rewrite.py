@@ -8,9 +8,13 @@ name under which ``kernels/trt_plugin.py`` registers the TensorRT plugin) with i
 ``(e_clip, e_dino, text, w_clip, b_clip, w_dino, b_dino)``. The node keeps the Concat's output
 name; its second output is the kernel's fp32 scratch, which nothing consumes.
 
-Matching starts at the distinctive end (Concat of two Sigmoid(Conv) with [128, 1, 7, 7]
-weights) and walks back to the three source tensors, checking each step, so an unrelated
-graph is left alone. Nodes only the region used are removed by ``graph.cleanup()``.
+Matching is structural and local: it starts at the distinctive end (Concat of two
+Sigmoid(Conv) with [128, 1, 7, 7] weights), walks back through reshapes to the MatMul, and
+recognizes each ``F.normalize`` by its Div whose divisor chain (Expand, Clip) ends in a ReduceL2
+of the Div's own numerator. It never walks above the three source tensors, so the size of the
+backbones above them does not matter, and an unrelated graph is left alone. Nodes only the
+region used are removed by ``graph.cleanup()``. The plugin node carries the attributes TensorRT's
+ONNX parser needs (``plugin_node_attrs``); ``require_cost_volume_plugin`` fails when nothing matches.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from typing import Any
 import numpy as np
 import onnx
 
+from gsnet_deploy.errors import EngineBuildError
+
 PLUGIN_DOMAIN = "gsnet"
 PLUGIN_OP = "fused_cost_volume"
 PLUGIN_DOMAIN_VERSION = 1
 SCRATCH_SUFFIX = "__cost_volume_scratch"
 _SHAPE_OPS = frozenset({"Reshape", "Flatten", "Unsqueeze", "Squeeze", "Transpose", "Identity"})
+_NORM_CHAIN_OPS = frozenset({"Expand", "Clip", "Max", "Cast", "Identity", "Reshape", "Unsqueeze"})
+_NORM_CHAIN_MAX = 8  # nodes between the Div and its ReduceL2 (Expand, Clip as exported)
 _WEIGHT_SHAPE = (128, 1, 7, 7)
 
 
@@ -53,45 +61,42 @@ def _skip_shape_ops(tensor: Any) -> Any:
     return tensor
 
 
-def _depends_only_on(tensor: Any, source: Any, budget: int = 64) -> bool:
-    """Whether every non-constant leaf above ``tensor`` is ``source`` (bounded walk)."""
-    import onnx_graphsurgeon as gs  # type: ignore[import-untyped]
+def _l2_norm_source(divisor: Any) -> Any | None:
+    """Tensor x when ``divisor`` is ``F.normalize``'s ``expand(clamp(||x||_2, eps))`` as exported, else None.
 
-    stack, seen = [tensor], set()
-    while stack:
-        t = stack.pop()
-        if t is source or isinstance(t, gs.Constant) or id(t) in seen or t.name == "":
-            continue
-        seen.add(id(t))
-        if len(seen) > budget:
-            return False
-        node = _producer(t)
-        if node is None:
-            return False  # a graph input or initializer-free leaf other than the source
-        stack.extend(node.inputs)
-    return True
+    Follows only the data input (input 0) of the ops that sit between the norm and the Div
+    (Expand, Clip, Max, Cast, Identity and reshapes) down to ``ReduceL2(x)`` or
+    ``Sqrt(ReduceSum(x * x))``: a walk of a handful of nodes whatever lies above x (on the
+    paper-size graph x has the whole DINO or CLIP backbone above it).
+    """
+    tensor = divisor
+    for _ in range(_NORM_CHAIN_MAX):
+        node = _producer(tensor)
+        if node is None or not node.inputs:
+            return None
+        if node.op == "ReduceL2":
+            return node.inputs[0] if _attr(node, "keepdims", 1) == 1 else None
+        if node.op == "Sqrt":
+            reduce = _producer(node.inputs[0])
+            if reduce is None or reduce.op != "ReduceSum" or _attr(reduce, "keepdims", 1) != 1:
+                return None
+            square = _producer(reduce.inputs[0])
+            if square is not None and square.op == "Mul" and square.inputs[0] is square.inputs[1]:
+                return square.inputs[0]
+            return None
+        if node.op not in _NORM_CHAIN_OPS:
+            return None
+        tensor = node.inputs[0]
+    return None
 
 
 def _normalized_source(tensor: Any) -> Any | None:
-    """Tensor x when ``tensor`` is ``F.normalize(x)`` as exported (x / f(x)), else None."""
+    """Tensor x when ``tensor`` is ``F.normalize(x)`` as exported (x / f(||x||)), else None."""
     node = _producer(_skip_shape_ops(tensor))
     if node is None or node.op != "Div" or len(node.inputs) != 2:
         return None
     source, divisor = node.inputs
-    if not any(n.op == "ReduceL2" for n in _ancestors(divisor)):
-        return None
-    return source if _depends_only_on(divisor, source) else None
-
-
-def _ancestors(tensor: Any, limit: int = 32) -> list[Any]:
-    out: list[Any] = []
-    stack = [tensor]
-    while stack and len(out) < limit:
-        node = _producer(stack.pop())
-        if node is not None and node not in out:
-            out.append(node)
-            stack.extend(node.inputs)
-    return out
+    return source if _l2_norm_source(divisor) is source else None
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -132,7 +137,7 @@ def _match_branch(sigmoid_out: Any) -> _Branch | None:
 
 def _find_region(graph: Any) -> tuple[Any, _Branch, _Branch] | None:
     for node in graph.nodes:
-        if node.op != "Concat" or len(node.inputs) != 2 or _attr(node, "axis", None) != 1:
+        if node.op != "Concat" or len(node.inputs) != 2 or _attr(node, "axis", None) not in (1, -3):
             continue
         clip = _match_branch(node.inputs[0])
         dino = _match_branch(node.inputs[1])
@@ -140,6 +145,18 @@ def _find_region(graph: Any) -> tuple[Any, _Branch, _Branch] | None:
             continue
         return node, clip, dino
     return None
+
+
+def plugin_node_attrs() -> dict[str, Any]:
+    """Attributes of the plugin node that TensorRT's ONNX parser reads (and does not pass to the plugin).
+
+    ``plugin_namespace``: the ONNX parser before TensorRT 10.10 looks the plugin up with the
+    namespace from this attribute only (10.10 added the node's domain as a fallback), and
+    ``export build --plugin`` supports 10.9, the first release with AOT plugins.
+    ``aot``: the parser picks a Quickly Deployable Plugin's ahead-of-time implementation only when
+    this is set; the plugin has no JIT implementation (``kernels/trt_plugin.py``).
+    """
+    return {"plugin_namespace": PLUGIN_DOMAIN, "aot": True}
 
 
 def replace_cost_volume_with_plugin(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -167,6 +184,7 @@ def replace_cost_volume_with_plugin(model: onnx.ModelProto) -> tuple[onnx.ModelP
             op=PLUGIN_OP,
             name=f"{PLUGIN_DOMAIN}_{PLUGIN_OP}",
             domain=PLUGIN_DOMAIN,
+            attrs=plugin_node_attrs(),
             inputs=[clip.feature, dino.feature, clip.text, clip.weight, clip.bias, dino.weight, dino.bias],
             outputs=[output, scratch],
         )
@@ -181,3 +199,18 @@ def replace_cost_volume_with_plugin(model: onnx.ModelProto) -> tuple[onnx.ModelP
     del new_model.metadata_props[:]
     new_model.metadata_props.extend(model.metadata_props)
     return new_model, True
+
+
+def require_cost_volume_plugin(model: onnx.ModelProto, name: str = "the image graph") -> onnx.ModelProto:
+    """``replace_cost_volume_with_plugin`` that fails when the QGFF front is not found.
+
+    Raises:
+        EngineBuildError: ``model`` has no cost-volume region of the plugin's shapes.
+    """
+    new_model, replaced = replace_cost_volume_with_plugin(model)
+    if not replaced:
+        raise EngineBuildError(
+            f"--plugin: no QGFF cost volume (512-d features, 128-channel 7x7 convs) was found in {name}; "
+            "export the paper-size model or build without --plugin."
+        )
+    return new_model

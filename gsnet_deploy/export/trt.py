@@ -26,9 +26,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
+from gsnet_deploy.contracts.atomic import write_bytes_atomic
+from gsnet_deploy.contracts.engine_manifest import Profile, parse_version
+from gsnet_deploy.contracts.tensorrt_import import require_tensorrt
 from gsnet_deploy.errors import EngineBuildError
-from gsnet_deploy.export.manifest import Profile, parse_version, write_bytes_atomic
-from gsnet_deploy.tensorrt_import import require_tensorrt
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -202,7 +203,13 @@ class BuildConfig:
             config.add_optimization_profile(opt_profile)
         cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.is_file() else b""
         cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise EngineBuildError(
+                f"TensorRT rejected the timing cache {self.timing_cache} (made by another TensorRT version or GPU); "
+                "delete it and build again."
+            )
+        # the engine inspector reports layer precisions only for DETAILED (export check reads them)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if self.dla_core is not None:
             config.default_device_type = trt.DeviceType.DLA
             config.DLA_core = self.dla_core
@@ -260,6 +267,85 @@ class SaveEngine:
     def __call__(self) -> Path:
         """Resolve the engine and write it."""
         return write_bytes_atomic(self._path, _resolve(self._engine))
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """One layer of a built engine as TensorRT's engine inspector describes it.
+
+    Attributes:
+        name: the layer name (TensorRT's, often a fusion of several ONNX nodes).
+        layer_type: the inspector's ``LayerType`` (e.g. ``CaskConvolution``, ``Reformat``).
+        precisions: the distinct data types of its inputs and outputs (``FP16``, ``INT8``, ``FP32``...).
+    """
+
+    name: str
+    layer_type: str
+    precisions: tuple[str, ...]
+
+
+_PRECISION_WORDS = {"INT8": "INT8", "FP8": "FP8", "HALF": "FP16", "FP16": "FP16", "FLOAT": "FP32", "FP32": "FP32", "BF16": "BF16"}
+
+
+def parse_layer_information(info: str) -> list[LayerPrecision]:
+    """Layers and their I/O precisions from ``EngineInspector.get_engine_information(JSON)`` (pure).
+
+    Each layer lists ``Inputs`` / ``Outputs`` whose ``Format/Datatype`` reads e.g. "Row major linear
+    FP16 format" or "Channel major INT8 format"; layers given only as names (engines built without
+    ``ProfilingVerbosity.DETAILED``) get no precisions.
+    """
+    import json
+
+    payload = json.loads(info)
+    layers: list[LayerPrecision] = []
+    for layer in payload.get("Layers", []):
+        if isinstance(layer, str):
+            layers.append(LayerPrecision(name=layer, layer_type="", precisions=()))
+            continue
+        found: list[str] = []
+        for tensor in (*layer.get("Inputs", []), *layer.get("Outputs", [])):
+            text = str(tensor.get("Format/Datatype", "")).upper()
+            for word, precision in _PRECISION_WORDS.items():
+                if word in text and precision not in found:
+                    found.append(precision)
+        layers.append(
+            LayerPrecision(name=str(layer.get("Name", "")), layer_type=str(layer.get("LayerType", "")), precisions=tuple(found))
+        )
+    return layers
+
+
+def summarize_layer_precisions(layers: Sequence[LayerPrecision]) -> dict[str, object]:
+    """Layer counts per precision and the convolution / matrix-multiply layers that run without INT8 (pure)."""
+    by_precision: dict[str, int] = {}
+    for layer in layers:
+        for precision in layer.precisions:
+            by_precision[precision] = by_precision.get(precision, 0) + 1
+    heavy = [layer for layer in layers if any(k in layer.layer_type for k in ("Convolution", "Gemm", "MatrixMultiply", "Conv"))]
+    return {
+        "layers": len(layers),
+        "by_precision": dict(sorted(by_precision.items())),
+        "conv_or_matmul_layers": len(heavy),
+        "conv_or_matmul_without_int8": [layer.name for layer in heavy if "INT8" not in layer.precisions],
+    }
+
+
+def engine_layer_precisions(plan: bytes, dla_core: int | None = None) -> list[LayerPrecision]:
+    """Deserialize ``plan`` and read its layers' precisions with TensorRT's engine inspector.
+
+    Raises:
+        EngineBuildError: TensorRT is missing or cannot load the plan.
+    """
+    import_tensorrt()
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    if dla_core is not None:
+        runtime.DLA_core = dla_core
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise EngineBuildError("TensorRT could not load the engine to inspect it; rebuild it with `gsnet export build`.")
+    inspector = engine.create_engine_inspector()
+    return parse_layer_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
 def builder_dla_cores() -> tuple[bool, int]:

@@ -4,7 +4,7 @@ Registered as a Quickly Deployable Plugin (``tensorrt.plugin``): ``register`` de
 outputs, ``autotune`` the dtypes, and ``aot_impl`` returns the PTX that ``triton.compile`` made
 from ``triton_cost_volume.cost_volume_kernel`` plus its launch parameters, so the engine
 carries the kernel and no Python runs at inference. AOT plugins need TensorRT 10.9 or newer
-(``plugin_supported``); the build falls back to the plain ops otherwise.
+(``plugin_supported``); ``export build --plugin`` refuses older versions.
 
 Plugin I/O (matches the ONNX node written by ``export/plugin_rewrite.py``):
 inputs ``e_clip, e_dino [B, 512, H, W]``, ``text [N, 512]``, ``w_clip, w_dino [128, 1, 7, 7]``,
@@ -13,18 +13,29 @@ and the kernel's fp32 scratch (an AOT plugin gets no workspace, so the scratch i
 nothing reads). The kernel's arguments are ordered inputs, scalars (N, H, W), outputs, which
 is the order TensorRT passes them.
 
-NOTE: ``tensorrt-stubs`` 10.13 has no ``tensorrt.plugin`` module, so that import carries a
-narrow ``type: ignore`` and ``trtp`` is untyped here.
+What ``tensorrt.plugin`` checks (TensorRT 10.9-11.x ``plugin/_validate.py``), and so what this
+module keeps to:
+
+- It reads the registered functions' annotations with ``inspect.signature`` and tests them with
+  ``issubclass`` and ``typing.get_origin``: they must be the real ``TensorDesc`` /
+  ``KernelLaunchParams`` / ``SymIntExprs`` classes, never strings. This module therefore has no
+  ``from __future__ import annotations``, and the functions are defined inside ``define_plugin``
+  where ``trtp`` is the imported module.
+- ``ShapeExpr`` implements ``+ - * // == <`` with the expression on the LEFT (no reflected
+  operators: ``2 * b`` raises ``TypeError``), plus ``trtp.cdiv`` / ``trtp.max`` / ``trtp.min``.
+- A plugin id can be registered once per process (a second ``register`` raises "already has a
+  definition"); ``register_plugin`` registers once and only updates the target architecture.
+
+NOTE: ``tensorrt-stubs`` 10.13 has no ``tensorrt.plugin`` module, so ``trtp`` is untyped here.
 """
 
-from __future__ import annotations
-
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
 
+from gsnet_deploy.contracts.tensorrt_import import require_tensorrt
 from gsnet_deploy.errors import EngineBuildError
-from gsnet_deploy.tensorrt_import import require_tensorrt
 
 PLUGIN_NAMESPACE = "gsnet"
 PLUGIN_NAME = "fused_cost_volume"
@@ -34,9 +45,24 @@ MAX_STATIC_SHARED = 48 * 1024  # the launch cannot raise the dynamic shared-memo
 _PTX_TYPES = {"fp16": "*fp16", "fp32": "*fp32"}
 
 
-def plugin_supported(trt_version: tuple[int, int]) -> bool:
+def plugin_supported(trt_version: tuple[int, ...]) -> bool:
     """Whether a TensorRT of this (major, minor) version runs AOT Quickly Deployable Plugins."""
     return tuple(trt_version[:2]) >= MIN_AOT_VERSION
+
+
+def ptx_arch(compute_capability: tuple[int, int]) -> int:
+    """Triton's CUDA target for a GPU of this compute capability: (8, 7) -> 87, (9, 0) -> 90.
+
+    The AOT kernel is compiled for the build GPU only. Triton emits arch-specific PTX for some
+    targets (``sm_90a`` on Hopper), which no other GPU can load, so an engine with the plugin is
+    never hardware-compatible (``export build`` refuses that combination).
+    """
+    major, minor = compute_capability
+    if major < 7 or not 0 <= minor <= 9:
+        raise EngineBuildError(
+            f"GPU compute capability {major}.{minor} cannot run the cost-volume plugin; build without --plugin."
+        )
+    return major * 10 + minor
 
 
 @dataclass(frozen=True)
@@ -81,12 +107,13 @@ def strip_unused_entry_params(ptx: str, kernel_name: str) -> str:
     return ptx[: head.end()] + "\n\t" + new_params + "\n" + ptx[close:]
 
 
-def compile_kernel(dtype_name: str, arch: int = 90) -> CompiledKernel:
+def compile_kernel(dtype_name: str, arch: int) -> CompiledKernel:
     """Compile ``cost_volume_kernel`` to PTX with Triton (no GPU needed).
 
     Args:
         dtype_name: ``"fp16"`` or ``"fp32"``, the dtype of every input and of the output.
-        arch: CUDA compute capability as an int (90 for H100, 87 for Jetson Orin).
+        arch: CUDA compute capability of the build GPU as an int (``ptx_arch``: 90 for H100,
+            87 for Jetson Orin, 80 for A100).
 
     Returns:
         The kernel name, PTX with 12 entry parameters, warps and shared memory.
@@ -124,68 +151,78 @@ def compile_kernel(dtype_name: str, arch: int = 90) -> CompiledKernel:
     return CompiledKernel(name=meta.name, ptx=ptx, num_warps=meta.num_warps, shared_mem=meta.shared)
 
 
-def register_plugin(arch: int = 90) -> None:
-    """Register ``gsnet::fused_cost_volume`` with TensorRT's plugin registry (call once per process).
+def define_plugin(
+    trtp: ModuleType,
+    trt: ModuleType,
+    target_arch: Callable[[], int],
+    compile_fn: Callable[[str, int], CompiledKernel] = compile_kernel,
+) -> None:
+    """Register the plugin's description, dtype combinations and AOT kernel with ``trtp``.
 
     Args:
-        arch: compute capability the AOT kernel is compiled for.
-
-    Raises:
-        EngineBuildError: TensorRT is missing or older than 10.9.
+        trtp: the ``tensorrt.plugin`` module (tests pass a stand-in with the same classes).
+        trt: the ``tensorrt`` module (``float16`` / ``float32`` dtypes).
+        target_arch: returns the compute capability to compile for, read when TensorRT asks for the
+            kernel (so a later build in the same process may target another GPU).
+        compile_fn: ``compile_kernel`` (tests pass a stand-in).
     """
-    # NOTE: tensorrt-stubs 10.13 installs tensorrt/__init__.pyi without py.typed, so mypy does not
-    # read it (import-untyped); the module is used untyped here.
-    trt = require_tensorrt(EngineBuildError, "install tensorrt>=10.9 for the plugin.")
-    version = tuple(int(v) for v in trt.__version__.split(".")[:2])
-    if not plugin_supported((version[0], version[1])):
-        raise EngineBuildError(f"TensorRT {trt.__version__} has no AOT plugins; use 10.9 or newer, or build without the plugin.")
-    import tensorrt.plugin as trtp  # type: ignore[import-untyped,import-not-found]  # not in the stubs
-
     from gsnet_deploy.kernels import triton_cost_volume as tcv
 
+    tensor_desc = trtp.TensorDesc
+    channels = 2 * tcv.CONV_CHANNELS
+    scratch_per_program = tcv.CLASS_BLOCK * (tcv.ROWS + 2 * tcv.HALO)  # times (W + 2 * HALO)
+
+    # Every ShapeExpr expression below keeps the expression on the left of the operator.
     @trtp.register(PLUGIN_ID)
-    def _describe(e_clip: Any, e_dino: Any, text: Any, w_clip: Any, b_clip: Any, w_dino: Any, b_dino: Any) -> tuple[Any, Any]:
+    def _describe(
+        e_clip: tensor_desc,
+        e_dino: tensor_desc,
+        text: tensor_desc,
+        w_clip: tensor_desc,
+        b_clip: tensor_desc,
+        w_dino: tensor_desc,
+        b_dino: tensor_desc,
+    ) -> tuple[tensor_desc, tensor_desc]:
         b, h, w = e_clip.shape_expr[0], e_clip.shape_expr[2], e_clip.shape_expr[3]
         n = text.shape_expr[0]
-        out = e_clip.like()
-        out_shape = trtp.ShapeExprs(4)
-        out_shape[0] = b * n
-        out_shape[1] = 2 * tcv.CONV_CHANNELS
-        out_shape[2] = h
-        out_shape[3] = w
-        out.shape_expr = out_shape
-        scratch = e_clip.like()
-        scratch.dtype = trt.float32
-        scratch_shape = trtp.ShapeExprs(1)
-        programs = trtp.cdiv(h, tcv.ROWS) * trtp.cdiv(n, tcv.CLASS_BLOCK) * (2 * b)
-        scratch_shape[0] = programs * tcv.CLASS_BLOCK * (tcv.ROWS + 2 * tcv.HALO) * (w + 2 * tcv.HALO)
-        scratch.shape_expr = scratch_shape
+        out = trtp.from_shape_expr((b * n, channels, h, w), dtype=e_clip.dtype)  # [B*N, 256, H, W]
+        programs = trtp.cdiv(h, tcv.ROWS) * trtp.cdiv(n, tcv.CLASS_BLOCK) * b * 2
+        scratch = trtp.from_shape_expr((programs * scratch_per_program * (w + 2 * tcv.HALO),), dtype=trt.float32)
         return out, scratch
 
     @trtp.autotune(PLUGIN_ID)
-    def _tune(e_clip: Any, e_dino: Any, text: Any, w_clip: Any, b_clip: Any, w_dino: Any, b_dino: Any, outputs: Any) -> list[Any]:
+    def _tune(
+        e_clip: tensor_desc,
+        e_dino: tensor_desc,
+        text: tensor_desc,
+        w_clip: tensor_desc,
+        b_clip: tensor_desc,
+        w_dino: tensor_desc,
+        b_dino: tensor_desc,
+        outputs: tuple[tensor_desc, tensor_desc],
+    ) -> list[trtp.AutoTuneCombination]:
         same = ", ".join(["FP32|FP16"] * 8)  # seven inputs and the output share one dtype
         return [trtp.AutoTuneCombination(f"{same}, FP32", "LINEAR")]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(
-        e_clip: Any,
-        e_dino: Any,
-        text: Any,
-        w_clip: Any,
-        b_clip: Any,
-        w_dino: Any,
-        b_dino: Any,
-        outputs: Any,
+        e_clip: tensor_desc,
+        e_dino: tensor_desc,
+        text: tensor_desc,
+        w_clip: tensor_desc,
+        b_clip: tensor_desc,
+        w_dino: tensor_desc,
+        b_dino: tensor_desc,
+        outputs: tuple[tensor_desc, tensor_desc],
         tactic: int,
-    ) -> tuple[str, str, Any, Any]:
-        kernel = compile_kernel("fp16" if e_clip.dtype == trt.float16 else "fp32", arch)
+    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        kernel = compile_fn("fp16" if e_clip.dtype == trt.float16 else "fp32", target_arch())
         b, h, w = e_clip.shape_expr[0], e_clip.shape_expr[2], e_clip.shape_expr[3]
         n = text.shape_expr[0]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(h, tcv.ROWS)
         launch.grid_y = trtp.cdiv(n, tcv.CLASS_BLOCK)
-        launch.grid_z = 2 * b
+        launch.grid_z = b * 2
         launch.block_x = kernel.num_warps * 32
         launch.shared_mem = kernel.shared_mem
         scalars = trtp.SymIntExprs(3)  # N, H, W: between the input and the output pointers
@@ -193,3 +230,46 @@ def register_plugin(arch: int = 90) -> None:
         scalars[1] = trtp.SymInt32(h)
         scalars[2] = trtp.SymInt32(w)
         return kernel.name, kernel.ptx, launch, scalars
+
+
+@dataclass
+class _Registry:
+    """What this process has registered: the plugin once, and the GPU its kernel targets."""
+
+    defined: bool = False
+    arch: int = 0
+
+
+_REGISTRY = _Registry()
+
+
+def ensure_registered(
+    trtp: ModuleType,
+    trt: ModuleType,
+    arch: int,
+    compile_fn: Callable[[str, int], CompiledKernel] = compile_kernel,
+) -> None:
+    """Register the plugin with ``trtp`` the first time; afterwards only retarget it to ``arch``."""
+    _REGISTRY.arch = arch
+    if _REGISTRY.defined:
+        return
+    define_plugin(trtp, trt, lambda: _REGISTRY.arch, compile_fn)
+    _REGISTRY.defined = True
+
+
+def register_plugin(arch: int) -> None:
+    """Register ``gsnet::fused_cost_volume`` with TensorRT's plugin registry (once per process).
+
+    Args:
+        arch: compute capability of the build GPU (``ptx_arch``); the AOT kernel is compiled for it.
+
+    Raises:
+        EngineBuildError: TensorRT is missing or older than 10.9.
+    """
+    trt = require_tensorrt(EngineBuildError, "install tensorrt>=10.9 for the plugin.")
+    version = tuple(int(v) for v in trt.__version__.split(".")[:2])
+    if not plugin_supported(version):
+        raise EngineBuildError(f"TensorRT {trt.__version__} has no AOT plugins; use 10.9 or newer, or build without the plugin.")
+    import tensorrt.plugin as trtp  # type: ignore[import-untyped,import-not-found]  # not in the stubs
+
+    ensure_registered(trtp, trt, arch)

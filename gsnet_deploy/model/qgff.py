@@ -6,8 +6,11 @@ Per view and class (reference code: RIPD ``correlation`` + ``corr_fusion_embed_s
     Z_G = sigmoid(conv7x7(C_G)), Z_S = sigmoid(conv7x7(C_S))          [B*N, C, 24, 24]
     Z_F = sigmoid(conv7x7(Z_G ++ Z_S)) + Z_G                          [B*N, C, 24, 24]
 
-The front (cost volumes, 1-channel convolutions, sigmoids) is ``kernels.fused_cost_volume``: a
-fused Triton kernel on CUDA, the plain PyTorch reference elsewhere and in exported graphs.
+The front (cost volumes, 1-channel convolutions, sigmoids) is ``kernels.cost_volume_reference``, the
+plain PyTorch ops, by default (they also export to ONNX). ``QgffCfg.fused_kernel`` selects
+``kernels.fused_cost_volume`` instead, the fused Triton kernel on CUDA: it is slower than
+``torch.compile`` of the plain ops (345 vs 246 us at N=40 on an H100,
+benchmarks/results/kernel_cost_volume.md) and changed nothing end to end, so it is opt-in.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gsnet_deploy.kernels.cost_volume import fused_cost_volume
+from gsnet_deploy.kernels.cost_volume import cost_volume_reference, fused_cost_volume
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class QgffCfg:
 
     hidden_dim: int = 128  # channels of Z_G, Z_S and Z_F
     kernel_size: int = 7  # side of all three convolutions
+    fused_kernel: bool = False  # the front as the Triton kernel on CUDA (opt-in: not faster, see above)
 
 
 class Qgff(nn.Module):
@@ -38,6 +42,7 @@ class Qgff(nn.Module):
         self.clip_embed = nn.Conv2d(1, cfg.hidden_dim, cfg.kernel_size, padding=pad)
         self.dino_embed = nn.Conv2d(1, cfg.hidden_dim, cfg.kernel_size, padding=pad)
         self.fusion = nn.Conv2d(2 * cfg.hidden_dim, cfg.hidden_dim, cfg.kernel_size, padding=pad)
+        self.fused_kernel = cfg.fused_kernel
 
     def forward(self, e_clip: torch.Tensor, e_dino: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Fused cost-volume embedding.
@@ -51,7 +56,8 @@ class Qgff(nn.Module):
             Z_F ``[B*N, C, H, W]``, b-major then n.
 
         """
-        z = fused_cost_volume(
+        front = fused_cost_volume if self.fused_kernel else cost_volume_reference
+        z = front(
             e_clip,
             e_dino,
             text,

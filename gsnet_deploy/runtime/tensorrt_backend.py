@@ -7,14 +7,21 @@ digest), deserializes them and allocates device buffers and pinned host buffers 
 largest profile shapes once; ``__exit__`` frees everything. ``run`` copies host -> pinned -> device
 asynchronously, enqueues with ``execute_async_v3`` (optionally replaying a CUDA graph captured for
 the shapes it has seen), copies back and synchronizes once. Batches larger than the profile's
-maximum are split into chunks along the batch axis. Shape of the design: Polygraphy's ``TrtRunner``
-and NanoOWL's chunking engine wrapper.
+maximum are split into chunks along the batch axis; a chunk smaller than the profile's minimum (the
+last one, on a fixed-shape DLA engine) is padded by repeating its last row and its outputs are
+sliced back. Every output's first axis is the batch axis of the chunked input. Shape of the design:
+Polygraphy's ``TrtRunner`` and NanoOWL's chunking engine wrapper.
+
+CUDA graphs: TensorRT documents a captured graph as tied to the execution context state it was
+captured with (its input shapes), so each input-shape set gets its own execution context, captured
+once and replayed from then on; a failed capture ends the stream capture and falls back to plain
+enqueues for that shape set.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -22,17 +29,18 @@ from typing import Any
 
 import numpy as np
 
-from gsnet_deploy import io_names
-from gsnet_deploy.errors import BackendError, EngineBuildError
-from gsnet_deploy.export.manifest import (
+from gsnet_deploy.contracts import io_names
+from gsnet_deploy.contracts.engine_manifest import (
     EngineManifest,
     Graph,
     HostInfo,
     check_engine_compatible,
     check_same_model,
     read_manifest,
+    this_platform,
 )
-from gsnet_deploy.tensorrt_import import require_tensorrt
+from gsnet_deploy.contracts.tensorrt_import import require_tensorrt
+from gsnet_deploy.errors import BackendError, EngineBuildError
 
 
 def _cuda_runtime() -> Any:
@@ -87,6 +95,65 @@ def chunk_slices(total: int, max_batch: int) -> list[slice]:
     return [slice(start, min(start + max_batch, total)) for start in range(0, total, max_batch)]
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``start:stop`` of the chunked input, run as a batch of ``size`` rows (``size > stop - start`` pads)."""
+
+    start: int
+    stop: int
+    size: int
+
+    @property
+    def rows(self) -> int:
+        """Number of real (unpadded) rows."""
+        return self.stop - self.start
+
+
+def plan_chunks(total: int, min_batch: int, max_batch: int) -> list[Chunk]:
+    """Split ``total`` rows into chunks of at most ``max_batch``, each run with at least ``min_batch`` rows (pure).
+
+    A fixed-shape profile (DLA: min = max = 5 views) takes 11 views as 5, 5 and 1 padded to 5.
+    """
+    if min_batch < 1 or min_batch > max_batch:
+        raise BackendError(f"Engine profile batch range {min_batch}..{max_batch} is invalid; rebuild the engine.")
+    return [Chunk(rows.start, rows.stop, max(rows.stop - rows.start, min_batch)) for rows in chunk_slices(total, max_batch)]
+
+
+def pad_rows(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` with its last row repeated up to ``size`` rows along axis 0 (pure; no copy when already that size)."""
+    missing = size - array.shape[0]
+    if missing <= 0:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)], axis=0)
+
+
+def stream_handle(stream: Any) -> int:
+    """The address of a cuda-python stream as an int, for ``execute_async_v3``.
+
+    ``int(stream)`` is deprecated from cuda-bindings 12.9.1 on; ``cuda.bindings.utils.get_cuda_native_handle``
+    replaces it where it exists (older cuda-bindings, >= 12.6.1, have only ``int``).
+    """
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(stream)
+    return int(get_cuda_native_handle(stream))
+
+
+def set_input_shapes(context: Any, shapes: Mapping[str, Sequence[int]], engine_file: str) -> None:
+    """Set every input shape on ``context``, checking TensorRT's answer for each.
+
+    Raises:
+        BackendError: TensorRT refused a shape (outside the engine's profile).
+    """
+    for name, shape in shapes.items():
+        if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+            raise BackendError(
+                f"TensorRT refused shape {tuple(shape)} for input {name!r} of {engine_file} (outside its profile); "
+                "rebuild the engine with a wider profile."
+            )
+
+
 def check_feeds(feeds: Mapping[str, np.ndarray], manifest: EngineManifest, chunk_input: str) -> None:
     """Refuse feeds the engine's profile cannot take (names, rank, static dims, non-chunk dims in range).
 
@@ -137,8 +204,20 @@ class _Buffer:
 
 
 @dataclass
+class _Captured:
+    """An execution context set to one input-shape set, and the CUDA graph captured on it (None: plain enqueue)."""
+
+    context: Any
+    graph_exec: Any = None
+
+
+@dataclass
 class _EngineRunner:
-    """Runs one engine: ``run(feeds) -> outputs`` with chunking over ``chunk_input``'s first axis."""
+    """Runs one engine: ``run(feeds) -> outputs`` with chunking over ``chunk_input``'s first axis.
+
+    Without CUDA graphs one execution context serves every shape. With CUDA graphs each input-shape
+    set gets its own context (``new_context``) and graph; all contexts share the I/O buffers.
+    """
 
     manifest: EngineManifest
     engine: Any
@@ -149,27 +228,45 @@ class _EngineRunner:
     outputs: tuple[str, ...]
     chunk_input: str
     cuda_graphs: bool
-    graphs: dict[tuple[tuple[int, ...], ...], Any] = field(default_factory=dict)
+    cudart: Any
+    new_context: Callable[[], Any]
+    captured: dict[tuple[tuple[int, ...], ...], _Captured] = field(default_factory=dict)
 
     @property
     def max_batch(self) -> int:
         """Largest first-axis size of ``chunk_input`` in the engine's profile."""
         return self.manifest.profiles[0].shapes[self.chunk_input].max[0]
 
+    @property
+    def min_batch(self) -> int:
+        """Smallest first-axis size of ``chunk_input`` in the engine's profile (= max on a fixed DLA profile)."""
+        return self.manifest.profiles[0].shapes[self.chunk_input].min[0]
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on host arrays, return host arrays (chunked where the batch exceeds the profile)."""
+        """Run on host arrays, return host arrays (chunked and padded to fit the profile)."""
         check_feeds(feeds, self.manifest, self.chunk_input)
         total = int(np.shape(feeds[self.chunk_input])[0])
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
-        for rows in chunk_slices(total, self.max_batch):
-            chunk = {name: (np.asarray(v)[rows] if name == self.chunk_input else np.asarray(v)) for name, v in feeds.items()}
-            for name, value in self._run_once(chunk).items():
+        for chunk in plan_chunks(total, self.min_batch, self.max_batch):
+            batch = {
+                name: pad_rows(np.asarray(v)[chunk.start : chunk.stop], chunk.size) if name == self.chunk_input else np.asarray(v)
+                for name, v in feeds.items()
+            }
+            for name, value in self._run_once(batch).items():
+                if chunk.size != chunk.rows:
+                    if value.shape[0] != chunk.size:
+                        raise BackendError(
+                            f"Output {name!r} of {self.manifest.engine_file} has {value.shape[0]} rows for a padded batch "
+                            f"of {chunk.size}; run batches of {self.min_batch}..{self.max_batch} rows."
+                        )
+                    value = value[: chunk.rows]
                 parts[name].append(value)
         return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
 
     def _run_once(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cudart = _cuda_runtime()
+        cudart = self.cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        shapes = {name: tuple(np.shape(feeds[name])) for name in self.inputs}
         for name in self.inputs:
             buf = self.buffers[name]
             value = np.ascontiguousarray(feeds[name], dtype=buf.dtype)
@@ -178,12 +275,9 @@ class _EngineRunner:
                 cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, value.nbytes, h2d, self.stream),
                 "cudaMemcpyAsync H2D",
             )
-            if tuple(self.context.get_tensor_shape(name)) != value.shape:
-                self.context.set_input_shape(name, value.shape)
-        key = tuple(tuple(np.shape(feeds[name])) for name in self.inputs)
-        self._enqueue(key)
-        shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.outputs}
-        for name, shape in shapes.items():
+        context = self._enqueue(shapes)
+        out_shapes = {name: tuple(context.get_tensor_shape(name)) for name in self.outputs}
+        for name, shape in out_shapes.items():
             buf = self.buffers[name]
             nbytes = int(np.prod(shape, dtype=np.int64)) * buf.dtype.itemsize
             _check(
@@ -191,41 +285,62 @@ class _EngineRunner:
                 "cudaMemcpyAsync D2H",
             )
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return {name: self.buffers[name].host_view(shape).copy() for name, shape in shapes.items()}
+        return {name: self.buffers[name].host_view(shape).copy() for name, shape in out_shapes.items()}
 
-    def _enqueue(self, key: tuple[tuple[int, ...], ...]) -> None:
-        """Enqueue the engine; with CUDA graphs, capture once per input-shape set and replay after."""
-        cudart = _cuda_runtime()
-        handle = int(self.stream)
+    def _execute(self, context: Any) -> None:
+        if not context.execute_async_v3(stream_handle(self.stream)):
+            raise BackendError(f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log.")
+
+    def _enqueue(self, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+        """Enqueue the engine for these input shapes and return the context that ran it."""
         if not self.cuda_graphs:
-            if not self.context.execute_async_v3(handle):
-                raise BackendError(f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log.")
-            return
-        graph_exec = self.graphs.get(key)
-        if graph_exec is None:
-            # NOTE: TensorRT needs one ordinary enqueue after a shape change before capture.
-            if not self.context.execute_async_v3(handle):
-                raise BackendError(f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log.")
-            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            _check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
-            ok = self.context.execute_async_v3(handle)
-            graph = _check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
-            if not ok:
-                raise BackendError(
-                    f"TensorRT could not be captured into a CUDA graph for {self.manifest.engine_file}; run without CUDA graphs."
-                )
-            graph_exec = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-            _check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-            self.graphs[key] = graph_exec
-            return  # the captured work was not run: the ordinary enqueue above produced this call's outputs
-        _check(cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+            if any(tuple(self.context.get_tensor_shape(n)) != s for n, s in shapes.items()):
+                set_input_shapes(self.context, shapes, self.manifest.engine_file)
+            self._execute(self.context)
+            return self.context
+        key = tuple(shapes[name] for name in self.inputs)
+        entry = self.captured.get(key)
+        if entry is None:
+            context = self.new_context()
+            set_input_shapes(context, shapes, self.manifest.engine_file)
+            # NOTE: TensorRT needs one ordinary enqueue after a shape change before capture; it
+            # also produces this call's outputs (the captured work is not run by the capture).
+            self._execute(context)
+            self.captured[key] = _Captured(context, self._capture(context))
+            return context
+        if entry.graph_exec is None:
+            self._execute(entry.context)
+        else:
+            _check(self.cudart.cudaGraphLaunch(entry.graph_exec, self.stream), "cudaGraphLaunch")
+        return entry.context
+
+    def _capture(self, context: Any) -> Any:
+        """Capture one enqueue of ``context`` into an instantiated CUDA graph; None where capture fails."""
+        cudart = self.cudart
+        success = cudart.cudaError_t.cudaSuccess
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        _check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        ok = False
+        try:
+            ok = bool(context.execute_async_v3(stream_handle(self.stream)))
+        finally:
+            # NOTE: always end the capture, or the stream stays in capture mode and every later call fails.
+            err, graph = cudart.cudaStreamEndCapture(self.stream)
+        if not ok or err != success or graph is None:
+            if err == success and graph is not None:
+                cudart.cudaGraphDestroy(graph)
+            return None  # this shape set runs with plain enqueues from now on
+        err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
+        cudart.cudaGraphDestroy(graph)
+        return graph_exec if err == success else None
 
     def close(self) -> None:
         """Free CUDA graphs and buffers (the stream is the backend's)."""
-        cudart = _cuda_runtime()
-        for graph_exec in self.graphs.values():
-            cudart.cudaGraphExecDestroy(graph_exec)
-        self.graphs.clear()
+        cudart = self.cudart
+        for entry in self.captured.values():
+            if entry.graph_exec is not None:
+                cudart.cudaGraphExecDestroy(entry.graph_exec)
+        self.captured.clear()
         for buf in self.buffers.values():
             cudart.cudaFree(buf.device_ptr)
             cudart.cudaFreeHost(buf.host_ptr)
@@ -297,10 +412,11 @@ class TensorRTBackend:
         return self._runners[graph]
 
     def host_info(self) -> HostInfo:
-        """TensorRT version and GPU of this host."""
+        """TensorRT version, GPU and platform of this host."""
         trt = _import_tensorrt()
         name, capability = current_gpu(self.device)
-        return HostInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=capability)
+        system, machine = this_platform()
+        return HostInfo(str(trt.__version__), name, capability, system, machine)
 
     def __enter__(self) -> TensorRTBackend:
         trt = _import_tensorrt()
@@ -329,6 +445,9 @@ class TensorRTBackend:
         trt = _import_tensorrt()
         cudart = _cuda_runtime()
         manifest = self.manifests[graph]
+        if manifest.dla_core is not None:
+            # NOTE: IRuntime.DLA_core defaults to -1; a DLA engine deserializes onto the core set here.
+            self._trt_runtime.DLA_core = manifest.dla_core
         engine = self._trt_runtime.deserialize_cuda_engine((self.engine_dir / manifest.engine_file).read_bytes())
         if engine is None:
             raise BackendError(
@@ -344,10 +463,9 @@ class TensorRTBackend:
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (inputs if is_input else outputs).append(name)
-            dtype = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
-            if is_input:
-                context.set_input_shape(name, profile.shapes[name].max)
-            dtypes[name] = dtype  # sized once every input shape is at its maximum
+            dtypes[name] = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
+        # buffers are sized once every input shape is at its maximum
+        set_input_shapes(context, {name: profile.shapes[name].max for name in inputs}, manifest.engine_file)
         for name, dtype in dtypes.items():
             max_shape = tuple(context.get_tensor_shape(name))
             nbytes = max(int(np.prod(max_shape, dtype=np.int64)) * dtype.itemsize, 1)
@@ -355,6 +473,14 @@ class TensorRTBackend:
             host_ptr = _check(cudart.cudaMallocHost(nbytes), "cudaMallocHost")
             buffers[name] = _Buffer(int(device_ptr), int(host_ptr), nbytes, dtype)
             context.set_tensor_address(name, int(device_ptr))
+
+        def new_context() -> Any:
+            """Another execution context on the same I/O buffers (one per captured CUDA graph)."""
+            ctx = engine.create_execution_context()
+            for name, buf in buffers.items():
+                ctx.set_tensor_address(name, buf.device_ptr)
+            return ctx
+
         return _EngineRunner(
             manifest=manifest,
             engine=engine,
@@ -365,6 +491,8 @@ class TensorRTBackend:
             outputs=tuple(outputs),
             chunk_input=chunk_input,
             cuda_graphs=self.cuda_graphs,
+            cudart=cudart,
+            new_context=new_context,
         )
 
     def __exit__(self, *exc: object) -> None:

@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from gsnet_deploy import io_names
+from gsnet_deploy.contracts import io_names
+from gsnet_deploy.contracts.tensorrt_import import find_tensorrt
 from gsnet_deploy.errors import ExportError
 from gsnet_deploy.export.check import run_onnx_cpu
-from gsnet_deploy.export.fp16 import make_fp16_onnx
+from gsnet_deploy.export.fp16 import casts_after_dequantize, make_fp16_onnx
 
 
 def _rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -113,3 +114,36 @@ def test_fp16_tiny_text_graph_keeps_dynamic_classes(tiny_onnx_dir: Path, tmp_pat
     # L2-normalized rows, checked directly in float64
     np.testing.assert_allclose(np.linalg.norm(candidate.astype(np.float64), axis=1), 1.0, rtol=0, atol=5e-3)
     assert _rel_l2(reference, candidate) <= 0.05
+
+
+@pytest.mark.skipif(find_tensorrt() is not None, reason="real TensorRT installed: the build would go on")
+def test_best_onnx_has_no_cast_between_dequantize_and_its_consumer(tiny_onnx_dir: Path, tmp_path: Path) -> None:
+    # catches: the `best` model keeping Q/DQ in FP32 while its convs go FP16, so a Cast sits between each
+    # DequantizeLinear and its Conv/MatMul (ModelOpt's INT8+FP16 path makes the DQ scales FP16 instead)
+    from PIL import Image
+
+    from gsnet_deploy.calib.views import calibration_tokens
+    from gsnet_deploy.contracts.precision import Precision
+    from gsnet_deploy.errors import EngineBuildError
+    from gsnet_deploy.export.build import build_engines
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(400, 600, 3), dtype=np.uint8)).save(calib / "0.png")
+    out = tmp_path / "engines"
+    with pytest.raises(EngineBuildError, match="TensorRT is not installed"):
+        build_engines(tiny_onnx_dir, out, Precision.BEST, classes_opt=6, calib_images=[calib], text_tokens=calibration_tokens(6))
+    model = onnx.load(str(out / "image_graph.int8.fp16.onnx"))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dequantize, "the best model has no Q/DQ nodes"
+    read_by = [c.op_type for dq in dequantize for c in consumers.get(dq.output[0], [])]
+    assert "Cast" not in read_by
+    assert {"Conv", "MatMul"} & set(read_by)
+    assert casts_after_dequantize(model) == []
+    scales = {t.name: t.data_type for t in model.graph.initializer}
+    assert all(scales.get(dq.input[1]) == onnx.TensorProto.FLOAT16 for dq in dequantize if dq.input[1] in scales)

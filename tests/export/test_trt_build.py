@@ -8,21 +8,23 @@ from pathlib import Path
 import onnx
 import pytest
 
-from gsnet_deploy import io_names
+from gsnet_deploy.contracts import io_names
+from gsnet_deploy.contracts.derived import OnnxVariant
+from gsnet_deploy.contracts.engine_manifest import Graph
+from gsnet_deploy.contracts.precision import Precision
 from gsnet_deploy.errors import EngineBuildError
-from gsnet_deploy.export.build import (
-    OnnxVariant,
-    build_engines,
-    dim_ranges,
-    onnx_input_shapes,
-    profile_for,
-    resolve_dla,
-    select_build_path,
-    variants_for_any_target,
+from gsnet_deploy.export.build import build_engines
+from gsnet_deploy.export.dla import resolve_dla
+from gsnet_deploy.export.profiles import DimRange, dim_ranges, onnx_input_shapes, profile_for
+from gsnet_deploy.export.trt import (
+    BuildConfig,
+    BuildFlags,
+    NetworkFromOnnx,
+    installed_tensorrt_version,
+    parse_layer_information,
+    summarize_layer_precisions,
 )
-from gsnet_deploy.export.manifest import Graph
-from gsnet_deploy.export.precision import Precision
-from gsnet_deploy.export.trt import BuildFlags, NetworkFromOnnx, installed_tensorrt_version
+from gsnet_deploy.export.version_policy import select_build_path, variants_for_any_target
 
 no_tensorrt = pytest.mark.skipif(installed_tensorrt_version() is not None, reason="real TensorRT installed")
 
@@ -184,3 +186,167 @@ def test_cli_build_without_tensorrt_one_line_no_traceback(
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "TensorRT is not installed" in error_lines[0]
     assert "run the same `gsnet export build` command there" in error_lines[0]
+
+
+# ---- TensorRT calls whose answers must be checked, on a stand-in tensorrt module ----
+
+
+def _fake_tensorrt(timing_cache_ok: bool) -> tuple[object, object]:
+    from types import SimpleNamespace
+
+    class FakeConfig:
+        def __init__(self) -> None:
+            self.profiling_verbosity = None
+
+        def set_flag(self, flag: object) -> None:
+            pass
+
+        def add_optimization_profile(self, profile: object) -> int:
+            return 0
+
+        def create_timing_cache(self, data: bytes) -> bytes:
+            return data
+
+        def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+            assert ignore_mismatch is False
+            return timing_cache_ok
+
+    profile = SimpleNamespace(set_shape=lambda *args: None)
+    builder = SimpleNamespace(create_builder_config=FakeConfig, create_optimization_profile=lambda: profile)
+    trt = SimpleNamespace(
+        BuilderFlag=SimpleNamespace(FP16=1, INT8=2),
+        Dims=tuple,
+        ProfilingVerbosity=SimpleNamespace(DETAILED="detailed"),
+    )
+    return trt, SimpleNamespace(builder=builder)
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_rejected_timing_cache_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accepted: bool) -> None:
+    # catches: set_timing_cache's False ignored, so a cache from another GPU / TensorRT is silently dropped
+    import sys
+
+    from gsnet_deploy.export import trt as trt_loaders
+
+    trt, parsed = _fake_tensorrt(accepted)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_loaders, "import_tensorrt", lambda: trt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    profile = profile_for({"x": ("B", 3)}, {"B": DimRange(1, 2, 4)})
+    config = BuildConfig(BuildFlags(strongly_typed=True), profiles=[profile], timing_cache=cache)
+    if accepted:
+        assert config(parsed).profiling_verbosity == "detailed"  # the inspector needs DETAILED for precisions
+    else:
+        with pytest.raises(EngineBuildError, match="rejected the timing cache"):
+            config(parsed)
+
+
+INSPECTOR_JSON = json.dumps(
+    {
+        "Layers": [
+            {
+                "Name": "/conv1/Conv + /relu",
+                "LayerType": "CaskConvolution",
+                "Inputs": [{"Name": "x", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}],
+                "Outputs": [{"Name": "y", "Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}],
+            },
+            {
+                "Name": "/head/MatMul",
+                "LayerType": "CaskGemmMatrixMultiply",
+                "Inputs": [{"Name": "y", "Format/Datatype": "Row major linear FP16 format"}],
+                "Outputs": [{"Name": "z", "Format/Datatype": "Row major linear FP32"}],
+            },
+            {"Name": "reformat", "LayerType": "Reformat", "Inputs": [], "Outputs": []},
+        ]
+    }
+)
+
+
+def test_layer_precisions_from_engine_inspector() -> None:
+    # catches: a report that misreads the inspector's Format/Datatype strings or misses non-INT8 convs in `best`
+    layers = parse_layer_information(INSPECTOR_JSON)
+    assert [(layer.name, layer.precisions) for layer in layers] == [
+        ("/conv1/Conv + /relu", ("INT8", "FP16")),
+        ("/head/MatMul", ("FP16", "FP32")),
+        ("reformat", ()),
+    ]
+    summary = summarize_layer_precisions(layers)
+    assert summary["by_precision"] == {"FP16": 2, "FP32": 1, "INT8": 1}
+    assert summary["conv_or_matmul_layers"] == 2 and summary["conv_or_matmul_without_int8"] == ["/head/MatMul"]
+    names_only = parse_layer_information(json.dumps({"Layers": ["a", "b"]}))  # not built with DETAILED
+    assert [layer.precisions for layer in names_only] == [(), ()]
+
+
+# ---- engine manifests: platform and plugin recorded, engines that cannot load refused ----
+
+
+def _engine_manifest(host, *, hardware_compatible: bool = False, plugin_used: bool = False):
+    from gsnet_deploy.contracts.engine_manifest import EngineManifest, Profile, ShapeRange
+
+    return EngineManifest(
+        graph=Graph.IMAGE, engine_file="image_graph.engine", onnx_file="image_graph.onnx", precision=Precision.FP16,
+        precision_path="test", strongly_typed=True, host=host,
+        profiles=(Profile(shapes={io_names.IMAGES: ShapeRange((1, 3, 384, 384), (5, 3, 384, 384), (8, 3, 384, 384))}),),
+        model_digest="d" * 16, plugin_used=plugin_used, hardware_compatible=hardware_compatible,
+    )  # fmt: skip
+
+
+X86_H100 = ("10.13.0", "NVIDIA H100 80GB HBM3", (9, 0), "Linux", "x86_64")
+X86_A100 = ("10.13.0", "NVIDIA A100-SXM4-80GB", (8, 0), "Linux", "x86_64")
+ARM_GH200 = ("10.13.0", "NVIDIA GH200 480GB", (9, 0), "Linux", "aarch64")
+
+
+def _host(spec: tuple, known_platform: bool = True):
+    from gsnet_deploy.contracts.engine_manifest import HostInfo
+
+    version, name, cc, system, machine = spec
+    return HostInfo(version, name, cc, system if known_platform else "", machine if known_platform else "")
+
+
+def test_manifest_records_platform_and_plugin() -> None:
+    # catches: a manifest that loses the build host's OS/machine or the plugin flag on its way to disk
+    from gsnet_deploy.contracts.engine_manifest import EngineManifest
+
+    manifest = _engine_manifest(_host(ARM_GH200), hardware_compatible=True, plugin_used=True)
+    payload = manifest.to_json()
+    assert (payload["system"], payload["machine"], payload["plugin_used"]) == ("Linux", "aarch64", True)
+    assert EngineManifest.from_json(json.loads(json.dumps(payload))) == manifest
+    del payload["system"], payload["machine"]  # a manifest written before the platform was recorded
+    assert EngineManifest.from_json(payload).host.machine == ""
+
+
+@pytest.mark.parametrize(
+    ("built", "plugin", "runs_on", "refused"),
+    [
+        (X86_H100, False, X86_A100, None),  # hardware-compatible: another Ampere+ GPU, same platform
+        (X86_H100, False, ARM_GH200, "aarch64"),  # same capability, other platform
+        (X86_H100, True, X86_A100, "plugin"),  # the plugin's PTX is for sm_90 only
+        (X86_H100, True, X86_H100, None),
+    ],
+)
+def test_hardware_compatible_engines_refused_where_they_cannot_load(built, plugin: bool, runs_on, refused) -> None:
+    # catches: a hardware-compatible engine accepted on any Ampere+ GPU whatever its platform or plugin
+    from gsnet_deploy.contracts.engine_manifest import check_engine_compatible
+
+    manifest = _engine_manifest(_host(built), hardware_compatible=True, plugin_used=plugin)
+    if refused is None:
+        check_engine_compatible(manifest, _host(runs_on))
+    else:
+        with pytest.raises(EngineBuildError, match=refused):
+            check_engine_compatible(manifest, _host(runs_on))
+
+
+def test_platform_unknown_in_old_manifests_is_not_refused() -> None:
+    from gsnet_deploy.contracts.engine_manifest import check_engine_compatible
+
+    check_engine_compatible(_engine_manifest(_host(X86_H100, known_platform=False), hardware_compatible=True), _host(X86_A100))
+
+
+def test_build_refuses_plugin_with_hardware_compatible(standin_graphs, tmp_path: Path) -> None:
+    # catches: --hardware-compatible --plugin accepted (the AOT PTX runs only on the build GPU)
+    onnx_dir = standin_graphs.write_standin_onnx_dir(tmp_path / "onnx")
+    with pytest.raises(EngineBuildError, match="--hardware-compatible") as info:
+        build_engines(onnx_dir, tmp_path / "engines", Precision.FP16, plugin=True, hardware_compatible=True)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "engines").exists()  # refused before anything is written

@@ -174,3 +174,23 @@ def test_check_cost_volume_inputs_errors(rng: np.random.Generator, change: dict,
     inputs.update(change)
     with pytest.raises(GSNetError, match=match):
         check_cost_volume_inputs(**inputs)
+
+
+@pytest.mark.parametrize("fused_kernel", [False, True])
+def test_qgff_runs_the_kernel_only_when_selected(monkeypatch: pytest.MonkeyPatch, fused_kernel: bool) -> None:
+    # catches: the Triton kernel back on QGFF's default path (slower than torch.compile of the plain ops,
+    # issue 17), or the explicit option no longer reaching it
+    from gsnet_deploy.model import qgff
+
+    calls: list[str] = []
+
+    def recording_kernel(*args: torch.Tensor) -> torch.Tensor:
+        calls.append("kernel")
+        return cost_volume_reference(*args)
+
+    monkeypatch.setattr(qgff, "fused_cost_volume", recording_kernel)
+    module = qgff.Qgff(qgff.QgffCfg(hidden_dim=128, fused_kernel=fused_kernel)).eval()
+    with torch.no_grad():
+        out = module(torch.randn(1, 512, 6, 6), torch.randn(1, 512, 6, 6), torch.randn(2, 512))
+    assert out.shape == (2, 128, 6, 6)
+    assert calls == (["kernel"] if fused_kernel else [])
