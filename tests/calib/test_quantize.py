@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 
-from gsnet_deploy import io_names
 from gsnet_deploy.calib.quantize import (
     CalibMethod,
     image_graph_feeds,
     quantize_image_graph,
     reference_text_embeds,
 )
+from gsnet_deploy.contracts import io_names
 from gsnet_deploy.errors import ExportError
 from gsnet_deploy.export.check import run_onnx_cpu
 
@@ -29,7 +29,8 @@ def _rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.sqrt(((cand - ref) ** 2).sum()) / np.sqrt((ref**2).sum()))
 
 
-@pytest.mark.parametrize(("method", "tolerance"), [(CalibMethod.ENTROPY, 0.05), (CalibMethod.MAX, 0.05)])
+# entropy is the real KL search since the streaming calibration (it clips): measured 0.19 here, max 0.04
+@pytest.mark.parametrize(("method", "tolerance"), [(CalibMethod.ENTROPY, 0.25), (CalibMethod.MAX, 0.05)])
 def test_quantize_standin_image_graph(tmp_path: Path, method: CalibMethod, tolerance: float) -> None:
     onnx_dir = standin_graphs.write_standin_onnx_dir(tmp_path / "onnx")
     embeds = reference_text_embeds(onnx_dir, standin_graphs.standin_tokens(6))
@@ -122,3 +123,41 @@ def test_quantize_tiny_graph_runs_close_to_fp32(tiny_onnx_dir: Path, tiny_qdq: t
     candidate = run_onnx_cpu(path, feeds)[io_names.LOGITS]
     assert candidate.shape == (3, num_classes, 96, 96) and np.isfinite(candidate).all()
     assert _rel_l2(reference, candidate) <= 0.05
+
+
+def test_streamed_max_scales_equal_modelopt_calibration_on_all_views(
+    tiny_onnx_dir: Path, tiny_qdq: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """The view-by-view scales (calib.stats) against ModelOpt's own max calibration fed every view at once."""
+    from modelopt.onnx.quantization import quantize
+
+    from gsnet_deploy.calib.modelopt_import import modelopt_without_stub_tensorrt
+    from gsnet_deploy.calib.quantize import _FeedReader, qdq_placement
+    from gsnet_deploy.calib.stats import activation_quantizers
+    from gsnet_deploy.runtime.examples import example_image
+    from gsnet_deploy.runtime.protocol import paper_views
+
+    path, embeds = tiny_qdq
+    views = paper_views(example_image(0)).views.astype(np.float32)[[0, 4]]  # the fixture's calibration views
+    op_types, excluded = qdq_placement(tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE)
+    reference_path = tmp_path / "reference.onnx"
+    with modelopt_without_stub_tensorrt():
+        quantize(
+            onnx_path=str(tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE),
+            quantize_mode="int8",
+            calibration_data_reader=_FeedReader([{io_names.IMAGES: views, io_names.TEXT_EMBEDS: embeds}]),
+            calibration_method="max",
+            calibration_eps=["cpu"],
+            high_precision_dtype="fp32",
+            op_types_to_quantize=op_types,
+            nodes_to_exclude=excluded,
+            output_path=str(reference_path),
+            log_level="ERROR",
+        )
+    ours, reference = onnx.load(str(path)), onnx.load(str(reference_path))
+    groups = activation_quantizers(ours)
+    assert groups.keys() == activation_quantizers(reference).keys() and len(groups) > 10
+    values = {i.name: float(onnx.numpy_helper.to_array(i)) for m in (ours,) for i in m.graph.initializer if i.name in groups}
+    expected = {i.name: float(onnx.numpy_helper.to_array(i)) for i in reference.graph.initializer if i.name in groups}
+    for name in groups:
+        assert values[name] == pytest.approx(expected[name], rel=1e-4), name
