@@ -15,7 +15,7 @@ raises one ``ExportError`` naming every problem. The checks:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,17 +90,43 @@ def check_no_constant_resize(model: onnx.ModelProto) -> list[str]:
     return [f"run-time interpolation of constants: {_summarize(found)}"] if found else []
 
 
-def check_symbolic_dims(model: onnx.ModelProto, allowed: Collection[str]) -> list[str]:
+def _infer_with_values(model: onnx.ModelProto, input_values: Mapping[str, Sequence[str]]) -> onnx.ModelProto | None:
+    """``SymbolicShapeInference.infer_shapes`` told that some int64 inputs hold symbols (e.g. ``out_size`` = [H, W]).
+
+    Uses the inference's own start-values hook (``_infer_impl(start_sympy_data)``), which
+    ``infer_shapes`` leaves empty; returns None when some shape stays uninferred.
+    """
+    import sympy
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    start = {name: [sympy.Symbol(s, integer=True, positive=True) for s in symbols] for name, symbols in input_values.items()}
+    inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl(dict(start))
+    inference._update_output_from_vi()
+    return inference.out_mp_ if complete else None
+
+
+def check_symbolic_dims(
+    model: onnx.ModelProto, allowed: Collection[str], input_values: Mapping[str, Sequence[str]] | None = None
+) -> list[str]:
     """Symbolic shape inference leaves only ``allowed`` symbols (and integers) in every tensor's shape.
 
     Uses ONNX Runtime's ``SymbolicShapeInference``, which carries products such as ``B*N`` as sympy
     expressions; a dim is accepted when its expression's free symbols are all in ``allowed``.
+    ``input_values`` names int64 inputs whose values are symbols (a shape passed as data, such as
+    the paper head's ``out_size`` = ``(H, W)``), so that shapes computed from them stay checkable.
     """
     import sympy
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+        if input_values:
+            inferred = _infer_with_values(model, input_values)
+        else:
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
     except Exception as err:
         return [f"symbolic shape inference failed ({type(err).__name__}: {err})"]
     if inferred is None:
@@ -209,6 +235,7 @@ def check_graph(
     dynamic_axes: dict[str, dict[int, str]],
     supported_ops: Collection[str] | None = None,
     checker_path: str | Path | None = None,
+    input_values: Mapping[str, Sequence[str]] | None = None,
 ) -> GraphReport:
     """Run every check on ``model`` and raise one error listing what failed.
 
@@ -221,6 +248,8 @@ def check_graph(
             symbols are the only ones allowed to remain anywhere in the graph.
         supported_ops: op types allowed (None: not checked).
         checker_path: run ``onnx.checker`` on this saved file instead of the in-memory model.
+        input_values: int64 inputs holding symbols (``{"out_size": ("H", "W")}``); those symbols
+            are allowed too.
 
     Returns:
         A short report of the graph.
@@ -229,12 +258,13 @@ def check_graph(
         ExportError: any check failed; the message lists every problem.
     """
     dynamic_dims = {symbol for axes in dynamic_axes.values() for symbol in axes.values()}
+    dynamic_dims |= {symbol for symbols in (input_values or {}).values() for symbol in symbols}
     problems = [
         *check_io(model, inputs, outputs, dynamic_axes),
         *check_opset(model),
         *check_forbidden_ops(model),
         *check_no_constant_resize(model),
-        *check_symbolic_dims(model, dynamic_dims),
+        *check_symbolic_dims(model, dynamic_dims, input_values),
         *check_onnx_checker(checker_path if checker_path is not None else model),
     ]
     if supported_ops is not None:

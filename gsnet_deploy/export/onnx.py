@@ -2,24 +2,23 @@
 
 The text graph maps tokens ``int64 [N, 77]`` to L2-normalized ``text_embeds [N, 512]``; the image
 graph maps raw RGB views ``[B, 3, 384, 384]`` and ``text_embeds [N, 512]`` to ``logits [B, N, 96, 96]``
-(design.md section 2). Names and dynamic axes come from ``gsnet_deploy.io_names``.
+(design.md section 2). Names and dynamic axes come from ``gsnet_deploy.contracts.io_names``.
 
 Each graph goes through the same pipeline: ``torch.onnx.export`` (the TorchScript exporter,
 ``dynamo=False``, which honours ``dynamic_axes`` predictably) -> a small rewrite for shape
 inference -> onnxslim -> output shapes pinned from symbolic inference -> the manifest in
-``metadata_props`` -> the checks of ``graph_checks``. The folder is written atomically: everything
-goes to a temporary folder beside the destination, then moves in with the manifest last.
+``metadata_props`` -> the checks of ``graph_checks``. The folder is written atomically: both graphs
+and ``manifest.json`` are one ``contracts.atomic.AtomicFiles`` set, renamed in together or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import shutil
 import tempfile
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +28,21 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from gsnet_deploy import io_names
-from gsnet_deploy.errors import ExportError
-from gsnet_deploy.export.graph_checks import MIN_OPSET, GraphReport, check_graph
-from gsnet_deploy.model.gsnet import GSNet
-from gsnet_deploy.runtime.onnx_dir import (
+from gsnet_deploy.contracts import io_names
+from gsnet_deploy.contracts.atomic import PART_MARK, AtomicFiles
+from gsnet_deploy.contracts.onnx_manifest import (
     IMAGE_ROLE,
+    PAPER_ENCODER_ROLE,
+    PAPER_HEAD_ROLE,
     PAPER_PROTOCOL,
     TEXT_ROLE,
     OnnxManifest,
 )
+from gsnet_deploy.errors import ExportError
+from gsnet_deploy.export.graph_checks import MIN_OPSET, GraphReport, check_graph
+from gsnet_deploy.export.onnx_save import save_onnx_atomic
+from gsnet_deploy.export.protocol_onnx import PaperEncoderGraph, PaperHeadGraph, paper_example_inputs, paper_head_symbols
+from gsnet_deploy.model.gsnet import GSNet
 
 # Example sizes traced by the exporter: neither is 1, so no axis gets specialized to a broadcast.
 _EXAMPLE_VIEWS = 2
@@ -176,11 +180,37 @@ def _torch_export(
     return onnx.load(str(path))
 
 
+def _shape_only(model: onnx.ModelProto, max_bytes: int = 1 << 16) -> onnx.ModelProto:
+    """A view of ``model`` for shape inference: initializers over ``max_bytes`` become typed inputs without data.
+
+    NOTE: symbolic shape inference deep-copies the model and serializes it for ONNX's own inference;
+    with the paper-size weights inline each call cost ~3 copies of 0.7 GB during export. Shapes never
+    depend on the values of large tensors (shape operands are a few int64s), so they are left out.
+    """
+    graph = model.graph
+    inputs = {vi.name for vi in graph.input}
+    small, typed = [], []
+    for init in graph.initializer:
+        if len(init.raw_data) <= max_bytes and init.ByteSize() <= max_bytes:
+            small.append(init)
+        elif init.name not in inputs:
+            typed.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    view = helper.make_model(
+        helper.make_graph(
+            list(graph.node), graph.name, [*graph.input, *typed], list(graph.output), small, value_info=list(graph.value_info)
+        ),
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+    )
+    view.functions.extend(model.functions)
+    return view
+
+
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     """Shapes of every tensor from ONNX Runtime's symbolic shape inference (ints or expressions)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+    inferred = SymbolicShapeInference.infer_shapes(_shape_only(model), auto_merge=False, guess_output_rank=False)
     shapes: dict[str, list[int | str]] = {}
     graph = inferred.graph
     for vi in [*graph.input, *graph.value_info, *graph.output]:
@@ -262,8 +292,10 @@ def _finish_graph(
     outputs: tuple[str, ...],
     dynamic_axes: dict[str, dict[int, str]],
     supported_ops: Collection[str] | None,
+    files: AtomicFiles,
+    input_values: Mapping[str, Sequence[str]] | None = None,
 ) -> GraphReport:
-    """Rewrite, simplify, stamp with the manifest, save to ``path`` and check one exported graph."""
+    """Rewrite, simplify, stamp with the manifest, save to ``path`` (a part of ``files``) and check one graph."""
     flatten_to_reshape(raw)
     model = _simplify(raw, path.name) if simplify else raw
     _pin_output_shapes(model)
@@ -272,7 +304,7 @@ def _finish_graph(
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.producer_name = "gsnet-deploy"
     model.producer_version = manifest.tool_versions.get("gsnet-deploy", "")
-    onnx.save(model, str(path))
+    save_onnx_atomic(model, path, files)
     return check_graph(
         model,
         name=path.name,
@@ -280,20 +312,90 @@ def _finish_graph(
         outputs=outputs,
         dynamic_axes=dynamic_axes,
         supported_ops=supported_ops,
-        checker_path=path,
+        checker_path=files.part(path),  # the saved file, before it is renamed into place
+        input_values=input_values,
     )
 
 
-def _move_into(tmp_dir: Path, out_dir: Path, names: tuple[str, ...]) -> None:
-    """Move the finished files into ``out_dir``: a rename of the whole folder when it is new, else file by file."""
-    if not out_dir.exists():
-        try:
-            os.rename(tmp_dir, out_dir)
-            return
-        except OSError:
-            out_dir.mkdir(parents=True, exist_ok=True)  # created meanwhile: fall back to per-file replaces
-    for name in names:  # the manifest comes last: a folder with a new manifest has new graphs
-        os.replace(tmp_dir / name, out_dir / name)
+def _export_paper_graphs(
+    model: GSNet,
+    out_dir: Path,
+    raw_dir: Path,
+    manifest: OnnxManifest,
+    *,
+    opset: int,
+    simplify: bool,
+    supported_ops: Collection[str] | None,
+    files: AtomicFiles,
+) -> tuple[GraphReport, GraphReport]:
+    """Export, finish and check the paper protocol's encoder and head graphs as parts of ``files``."""
+    encoder_args, head_args = paper_example_inputs(model)
+    reports = []
+    graphs = (
+        (PaperEncoderGraph(model), encoder_args, io_names.PAPER_ENCODER_FILE, PAPER_ENCODER_ROLE, io_names.PAPER_ENCODER_INPUTS,
+         io_names.PAPER_ENCODER_OUTPUTS, io_names.PAPER_ENCODER_DYNAMIC_AXES, None),
+        (PaperHeadGraph(model), head_args, io_names.PAPER_HEAD_FILE, PAPER_HEAD_ROLE, io_names.PAPER_HEAD_INPUTS,
+         io_names.PAPER_HEAD_OUTPUTS, io_names.PAPER_HEAD_DYNAMIC_AXES, paper_head_symbols()),
+    )  # fmt: skip
+    for module, args, name, role, inputs, outputs, axes, values in graphs:
+        with torch.no_grad():
+            raw = _torch_export(module, args, raw_dir / name, inputs, outputs, axes, opset)
+        (raw_dir / name).unlink()
+        report = _finish_graph(
+            raw, out_dir / name, role, manifest, simplify=simplify, inputs=inputs, outputs=outputs,
+            dynamic_axes=axes, supported_ops=supported_ops, files=files, input_values=values,
+        )  # fmt: skip
+        reports.append(report)
+    return reports[0], reports[1]
+
+
+def _export_into(
+    model: GSNet,
+    out_dir: Path,
+    manifest: OnnxManifest,
+    *,
+    opset: int,
+    simplify: bool,
+    supported_ops: Collection[str] | None,
+) -> tuple[GraphReport, GraphReport]:
+    """Export, finish and check both graphs, then commit them with ``manifest.json`` into ``out_dir``.
+
+    The exporter's raw graphs go to a private folder; the finished files join one ``AtomicFiles``
+    set, renamed into ``out_dir`` together (signals held) only after both graphs passed their checks.
+    """
+    tokens, image_args = _example_inputs(model)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=PART_MARK, dir=out_dir.parent) as tmp:
+        raw_dir = Path(tmp)
+        with AtomicFiles() as files:
+            with torch.no_grad():
+                raw_text = _torch_export(
+                    TextGraph(model), (tokens,), raw_dir / io_names.TEXT_GRAPH_FILE,
+                    io_names.TEXT_INPUTS, io_names.TEXT_OUTPUTS, io_names.TEXT_DYNAMIC_AXES, opset,
+                )  # fmt: skip
+                raw_image = _torch_export(
+                    ImageGraph(model), image_args, raw_dir / io_names.IMAGE_GRAPH_FILE,
+                    io_names.IMAGE_INPUTS, io_names.IMAGE_OUTPUTS, io_names.IMAGE_DYNAMIC_AXES, opset,
+                )  # fmt: skip
+            for raw in raw_dir.iterdir():
+                raw.unlink()  # both graphs are in memory now; free the disk before writing the finished ones
+            text_report = _finish_graph(
+                raw_text, out_dir / io_names.TEXT_GRAPH_FILE, TEXT_ROLE, manifest, simplify=simplify,
+                inputs=io_names.TEXT_INPUTS, outputs=io_names.TEXT_OUTPUTS, dynamic_axes=io_names.TEXT_DYNAMIC_AXES,
+                supported_ops=supported_ops, files=files,
+            )  # fmt: skip
+            del raw_text
+            image_report = _finish_graph(
+                raw_image, out_dir / io_names.IMAGE_GRAPH_FILE, IMAGE_ROLE, manifest, simplify=simplify,
+                inputs=io_names.IMAGE_INPUTS, outputs=io_names.IMAGE_OUTPUTS, dynamic_axes=io_names.IMAGE_DYNAMIC_AXES,
+                supported_ops=supported_ops, files=files,
+            )  # fmt: skip
+            del raw_image
+            _export_paper_graphs(model, out_dir, raw_dir, manifest, opset=opset, simplify=simplify,
+                                 supported_ops=supported_ops, files=files)  # fmt: skip
+            files.part(out_dir / io_names.MANIFEST_FILE).write_text(
+                json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+    return text_report, image_report
 
 
 def export_onnx(
@@ -327,41 +429,18 @@ def export_onnx(
         raise ExportError(f"--out {out_dir} is a file; pass a folder for the ONNX graphs.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     manifest = make_manifest(model, opset)
-    tokens, image_args = _example_inputs(model)
     model = model.eval()
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp_dir.chmod(0o777 & ~umask)  # mkdtemp makes it private; the folder it becomes should not be
+    created = not out_dir.exists()
+    out_dir.mkdir(exist_ok=True)
     try:
-        raw_dir = tmp_dir / "raw"
-        raw_dir.mkdir()
-        with torch.no_grad():
-            raw_text = _torch_export(
-                TextGraph(model), (tokens,), raw_dir / io_names.TEXT_GRAPH_FILE,
-                io_names.TEXT_INPUTS, io_names.TEXT_OUTPUTS, io_names.TEXT_DYNAMIC_AXES, opset,
-            )  # fmt: skip
-            raw_image = _torch_export(
-                ImageGraph(model), image_args, raw_dir / io_names.IMAGE_GRAPH_FILE,
-                io_names.IMAGE_INPUTS, io_names.IMAGE_OUTPUTS, io_names.IMAGE_DYNAMIC_AXES, opset,
-            )  # fmt: skip
-        shutil.rmtree(raw_dir)
-        text_report = _finish_graph(
-            raw_text, tmp_dir / io_names.TEXT_GRAPH_FILE, TEXT_ROLE, manifest, simplify=simplify,
-            inputs=io_names.TEXT_INPUTS, outputs=io_names.TEXT_OUTPUTS, dynamic_axes=io_names.TEXT_DYNAMIC_AXES,
-            supported_ops=supported_ops,
-        )  # fmt: skip
-        del raw_text
-        image_report = _finish_graph(
-            raw_image, tmp_dir / io_names.IMAGE_GRAPH_FILE, IMAGE_ROLE, manifest, simplify=simplify,
-            inputs=io_names.IMAGE_INPUTS, outputs=io_names.IMAGE_OUTPUTS, dynamic_axes=io_names.IMAGE_DYNAMIC_AXES,
-            supported_ops=supported_ops,
-        )  # fmt: skip
-        del raw_image
-        (tmp_dir / io_names.MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
-        _move_into(tmp_dir, out_dir, (io_names.TEXT_GRAPH_FILE, io_names.IMAGE_GRAPH_FILE, io_names.MANIFEST_FILE))
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        text_report, image_report = _export_into(
+            model, out_dir, manifest, opset=opset, simplify=simplify, supported_ops=supported_ops
+        )
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # a failed export leaves no trace, not even the new (empty) folder
+        raise
     return OnnxExport(
         out_dir=out_dir,
         text_path=out_dir / io_names.TEXT_GRAPH_FILE,

@@ -3,17 +3,23 @@
 Paper: "Towards Open-Vocabulary Remote Sensing Image Semantic Segmentation" (AAAI 2025);
 reference code github.com/yecy749/GSNet (``gs_net/GSNet.py``). The model exposes exactly the two
 graphs we export: ``encode_text(tokens) -> text_embeds`` (once per vocabulary) and
-``forward_image(images, text_embeds) -> logits`` (every view).
+``forward_image(images, text_embeds) -> logits`` (every view). The image graph is split into a
+class-independent encoder (``encode_views``: both backbones, guidance and appearance projections)
+and a class-dependent head (``decode_views``: QGFF, aggregator, RIPD), so an encoded view can be
+re-queried with another vocabulary for the price of the head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gsnet_deploy.contracts.io_names import PAPER_FEATURES
+from gsnet_deploy.contracts.model_size import ModelSize
 from gsnet_deploy.model.aggregator import Aggregator, AggregatorCfg
 from gsnet_deploy.model.clip import ClipTextCfg, ClipVisionCfg, ClipVisual, build_text_tower, encode_text
 from gsnet_deploy.model.dino import DinoCfg, DinoViT
@@ -24,6 +30,10 @@ from gsnet_deploy.model.ripd import Ripd, RipdCfg
 # CLIP_PIXEL_MEAN/STD and feeds the result to CLIP and DINO), not the ImageNet ones of the config.
 CLIP_MEAN = (122.7709383, 116.7460125, 104.09373615)
 CLIP_STD = (68.5005327, 66.6321579, 70.3231630)
+
+# the encoder's outputs (``encode_views``), in order: also the output names of paper_encoder.onnx
+FEATURE_NAMES = PAPER_FEATURES
+CLIP_FEATURES, DINO_FEATURES, APPEARANCE, CLIP_GUIDANCE_1, CLIP_GUIDANCE_2, DINO_GUIDANCE_1, DINO_GUIDANCE_2 = PAPER_FEATURES
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,15 @@ def tiny_cfg(pooling: tuple[int, int] = (1, 1)) -> GSNetCfg:
     )
 
 
+def cfg_for(size: ModelSize, pooling: int = 1) -> GSNetCfg:
+    """The architecture of ``size`` with the class transformer's ``pooling`` (1: inference, 2: training).
+
+    The one place that maps ``--model-size`` and ``--pooling`` to a config.
+    """
+    pool = (pooling, pooling)
+    return tiny_cfg(pool) if size is ModelSize.TINY else paper_cfg(pool)
+
+
 class GSNet(nn.Module):
     """GSNet with its text graph and image graph as two methods."""
 
@@ -117,8 +136,14 @@ class GSNet(nn.Module):
         """Text graph: BPE tokens ``[N, 77]`` int64 -> L2-normalized embeddings ``[N, 512]``."""
         return encode_text(self.clip_text, tokens)
 
-    def forward_image(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Image graph: raw RGB views ``[B, 3, 384, 384]`` (0..255) and ``[N, 512]`` -> logits ``[B, N, 96, 96]``."""
+    def encode_views(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encoder: raw RGB views ``[B, 3, 384, 384]`` (0..255) -> every class-independent tensor the head needs.
+
+        Returns:
+            Tensors keyed by ``FEATURE_NAMES`` (in that order): E_G and E_S ``[B, 512, 24, 24]``, the
+            appearance guidance ``[B, G, 24, 24]`` (before the aggregator's LayerNorms) and the
+            projected CLIP and DINO guidance ``[B, 32, 48, 48]``, ``[B, 16, 96, 96]`` (paper sizes).
+        """
         # normalize in fp32, then run in the weights' dtype (fp16 on the fast GPU path)
         dtype = self.clip_visual.patch_embed.weight.dtype
         x = ((images.float() - self.pixel_mean.float()) / self.pixel_std.float()).to(dtype)
@@ -127,15 +152,27 @@ class GSNet(nn.Module):
         e_dino = self.dino_down(dino_last)  # [B, 512, 24, 24]
         clip_guidance = [self.clip_up1(clip_g1), self.clip_up2(clip_g2)]  # [B, 256, 48, 48], [B, 128, 96, 96]
         dino_guidance = [self.dino_proj1(dino_g1), self.dino_proj2(dino_g2)]  # same shapes
-
-        n = text_embeds.shape[0]
-        text = text_embeds.to(x.dtype)
-        cost = self.qgff(e_clip, e_dino, text)  # [B*N, C, 24, 24]
+        clip_proj, dino_proj = self.decoder.project_guidance(clip_guidance, dino_guidance)  # [B, 32, 48, 48], [B, 16, 96, 96]
         appearance = F.relu(self.appearance_proj(e_clip))  # [B, G, 24, 24]
+        tensors = (e_clip, e_dino, appearance, clip_proj[0], clip_proj[1], dino_proj[0], dino_proj[1])
+        return dict(zip(FEATURE_NAMES, tensors))
+
+    def decode_views(self, features: Mapping[str, torch.Tensor], text_embeds: torch.Tensor) -> torch.Tensor:
+        """Head: features of ``encode_views`` and ``[N, 512]`` -> logits ``[B, N, 96, 96]``."""
+        e_clip = features[CLIP_FEATURES]
+        n = text_embeds.shape[0]
+        text = text_embeds.to(e_clip.dtype)
+        cost = self.qgff(e_clip, features[DINO_FEATURES], text)  # [B*N, C, 24, 24]
         # NOTE: the reference re-normalizes the (already unit) embeddings before the projection
         text_guidance = F.relu(self.text_proj(text / text.norm(dim=-1, keepdim=True)))  # [N, G]
-        cost = self.aggregator(cost, appearance, text_guidance)  # [B*N, C, 24, 24]
-        return self.decoder(cost, clip_guidance, dino_guidance, n)  # [B, N, 96, 96]
+        cost = self.aggregator(cost, features[APPEARANCE], text_guidance)  # [B*N, C, 24, 24]
+        clip_proj = [features[CLIP_GUIDANCE_1], features[CLIP_GUIDANCE_2]]
+        dino_proj = [features[DINO_GUIDANCE_1], features[DINO_GUIDANCE_2]]
+        return self.decoder.decode(cost, clip_proj, dino_proj, n)  # [B, N, 96, 96]
+
+    def forward_image(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Image graph: raw RGB views ``[B, 3, 384, 384]`` (0..255) and ``[N, 512]`` -> logits ``[B, N, 96, 96]``."""
+        return self.decode_views(self.encode_views(images), text_embeds)
 
     def forward(self, images: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Same as ``forward_image``."""

@@ -69,10 +69,38 @@ class Ripd(nn.Module):
         b, c, h, w = g.shape
         return g[:, None].expand(b, num_classes, c, h, w).reshape(b * num_classes, c, h, w)
 
+    def project_guidance(
+        self, clip_guidance: list[torch.Tensor], dino_guidance: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The class-independent half: ReLU(conv3x3) of each guidance map, once per view.
+
+        Args:
+            clip_guidance: CLIP maps ``[B, 256, 48, 48]`` and ``[B, 128, 96, 96]``.
+            dino_guidance: DINO maps of the same shapes.
+
+        Returns:
+            Projected CLIP maps ``[B, 32, 48, 48]``, ``[B, 16, 96, 96]`` and DINO maps of the same shapes.
+        """
+        clip = [proj(g) for proj, g in zip(self.clip_guidance, clip_guidance)]
+        dino = [proj(g) for proj, g in zip(self.dino_guidance, dino_guidance)]
+        return clip, dino
+
+    def decode(
+        self, x: torch.Tensor, clip_projected: list[torch.Tensor], dino_projected: list[torch.Tensor], num_classes: int
+    ) -> torch.Tensor:
+        """The class-dependent half: up-blocks on ``x [B*N, C, 24, 24]`` with projected guidance -> ``[B, N, 96, 96]``."""
+        stages = ((self.up1, self.conv1), (self.up2, self.conv2))
+        for i, (up, conv) in enumerate(stages):
+            cg = self._per_class(clip_projected[i], num_classes)
+            dg = self._per_class(dino_projected[i], num_classes)
+            x = conv(torch.cat([up(x), cg, dg], dim=1))  # [B*N, d_i, 2H, 2W]
+        logits = self.head(x)  # [B*N, 1, 96, 96]
+        return logits.reshape(-1, num_classes, logits.shape[-2], logits.shape[-1])  # [B, N, 96, 96]
+
     def forward(
         self, x: torch.Tensor, clip_guidance: list[torch.Tensor], dino_guidance: list[torch.Tensor], num_classes: int
     ) -> torch.Tensor:
-        """Decode.
+        """Decode (``project_guidance`` then ``decode``).
 
         Args:
             x: ``[B*N, C, 24, 24]`` aggregated cost embedding.
@@ -84,10 +112,5 @@ class Ripd(nn.Module):
             Logits ``[B, N, 96, 96]``.
 
         """
-        stages = ((self.up1, self.conv1), (self.up2, self.conv2))
-        for i, (up, conv) in enumerate(stages):
-            cg = self._per_class(self.clip_guidance[i](clip_guidance[i]), num_classes)
-            dg = self._per_class(self.dino_guidance[i](dino_guidance[i]), num_classes)
-            x = conv(torch.cat([up(x), cg, dg], dim=1))  # [B*N, d_i, 2H, 2W]
-        logits = self.head(x)  # [B*N, 1, 96, 96]
-        return logits.reshape(-1, num_classes, logits.shape[-2], logits.shape[-1])  # [B, N, 96, 96]
+        clip, dino = self.project_guidance(clip_guidance, dino_guidance)
+        return self.decode(x, clip, dino, num_classes)

@@ -8,15 +8,27 @@ kernel, SDPA) selected by ``Precision``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from open_clip.transformer import LayerNormFp32
 
+from gsnet_deploy.contracts.io_names import (
+    CLASS_MAP,
+    IMAGES,
+    LOGITS,
+    OUT_SIZE,
+    PAPER_FEATURES,
+    PAPER_IMAGE,
+    PROBS,
+    TEXT_EMBEDS,
+    TEXT_TOKENS,
+)
 from gsnet_deploy.errors import BackendError
-from gsnet_deploy.io_names import IMAGES, LOGITS, TEXT_EMBEDS, TEXT_TOKENS
 from gsnet_deploy.model.gsnet import GSNet
+from gsnet_deploy.model.protocol import PaperEncoder, PaperHead
+from gsnet_deploy.runtime.protocol import host_class_map
 
 
 class TorchPrecision(enum.Enum):
@@ -106,6 +118,150 @@ class _ImageRunner:
         return {LOGITS: self.forward(images, text).float().cpu().numpy()}
 
 
+class CudaGraphCache:
+    """A function of CUDA tensors captured as one CUDA graph per input shape and replayed.
+
+    Like ``CudaGraphImage``: each new shape key is warmed up on a side stream, captured once, then
+    replayed with the inputs copied into the captured buffers.
+    """
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+        """Wrap ``fn(*tensors) -> tuple of tensors`` (shapes of the outputs fixed by the inputs' shapes)."""
+        self.fn = fn
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+
+    @torch.no_grad()
+    def __call__(self, *inputs: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...]:
+        """Outputs of ``fn(*inputs)``: views of the captured graph's buffers, valid until the next call."""
+        if key not in self._graphs:
+            static = [t.clone() for t in inputs]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.fn(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self.fn(*static)
+            self._graphs[key] = (graph, static, outputs)
+        graph, static, outputs = self._graphs[key]
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return outputs
+
+
+class _PaperRunners:
+    """The paper protocol's encoder and head on the torch model; features stay on the device between them."""
+
+    def __init__(self, model: GSNet, device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> None:
+        self.device, self.dtype = device, dtype
+        self.encoder_module = PaperEncoder(model)
+        self.head_module = PaperHead(model).to(device)  # the tile count buffer
+        self._encode_graphs = CudaGraphCache(self._encode_tuple) if cuda_graphs else None
+        self._head_graphs = CudaGraphCache(self._head_tuple) if cuda_graphs else None
+
+    def _encode_tuple(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.encoder_module(image)
+        return tuple(features[name] for name in PAPER_FEATURES)
+
+    def _head_tuple(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *features, text, out_size = inputs
+        class_map, probs = self.head_module(dict(zip(PAPER_FEATURES, features)), text, out_size)
+        return class_map, probs
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 ``[1, 3, h, w]`` device tensor -> device features (CUDA graph per (h, w) on CUDA)."""
+        if self._encode_graphs is not None:
+            outputs = self._encode_graphs(image, key=tuple(image.shape))
+            return {name: t.clone() for name, t in zip(PAPER_FEATURES, outputs)}  # the next replay overwrites the buffers
+        return dict(zip(PAPER_FEATURES, self._encode_tuple(image)))
+
+    @torch.no_grad()
+    def decode(
+        self, features: Mapping[str, torch.Tensor], text: torch.Tensor, out_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device class map ``[H, W]`` int32 and probabilities ``[N, H, W]`` (CUDA graph per (N, H, W) on CUDA)."""
+        text = text.to(self.device, self.dtype)
+        size = torch.tensor(out_size, dtype=torch.int64)  # sizes are shapes: they stay on the host
+        inputs = [features[name] for name in PAPER_FEATURES]
+        if self._head_graphs is not None:
+            class_map, probs = self._head_graphs(*inputs, text, size, key=(text.shape[0], *out_size))
+        else:
+            class_map, probs = self._head_tuple(*inputs, text, size)
+        return class_map, probs
+
+
+class _EncoderRunner:
+    """``GraphRunner`` view of the paper encoder: host image in, host features out."""
+
+    def __init__(self, paper: _PaperRunners) -> None:
+        self.paper = paper
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """``{PAPER_IMAGE: uint8 [1, 3, h, w]}`` -> features (float32 on the host)."""
+        image = _paper_image(feeds[PAPER_IMAGE]).to(self.paper.device)
+        features = self.paper.encode(image)
+        names = PAPER_FEATURES if outputs is None else tuple(outputs)
+        return {name: features[name].float().cpu().numpy() for name in names}
+
+
+class _HeadRunner:
+    """``GraphRunner`` view of the paper head: the class map crosses to the host, probabilities only when asked."""
+
+    def __init__(self, paper: _PaperRunners) -> None:
+        self.paper = paper
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Features + text_embeds + out_size -> ``CLASS_MAP`` (uint8 for N <= 255) and, if asked, ``PROBS``."""
+        missing = [n for n in (*PAPER_FEATURES, TEXT_EMBEDS, OUT_SIZE) if n not in feeds]
+        if missing:
+            raise BackendError(f"the paper head needs inputs {missing}; pass the encoder's features, text_embeds and out_size.")
+        features = {
+            n: torch.from_numpy(np.ascontiguousarray(feeds[n], dtype=np.float32)).to(self.paper.device, self.paper.dtype)
+            for n in PAPER_FEATURES
+        }
+        text = torch.from_numpy(np.ascontiguousarray(feeds[TEXT_EMBEDS], dtype=np.float32))
+        out_size = _out_size(feeds[OUT_SIZE])
+        class_map, probs = self.paper.decode(features, text, out_size)
+        return paper_outputs(class_map, probs, text.shape[0], outputs)
+
+
+def _paper_image(image: np.ndarray) -> torch.Tensor:
+    """The encoder's input as a uint8 ``[1, 3, h, w]`` tensor, or a BackendError naming what is wrong."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[:2] != (1, 3) or min(array.shape[2:]) < 1:
+        raise BackendError(f"the paper encoder takes a uint8 image [1, 3, h, w], got {array.dtype} {list(array.shape)}.")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _out_size(value: np.ndarray) -> tuple[int, int]:
+    """``OUT_SIZE`` as (H, W), or a BackendError."""
+    size = np.asarray(value).reshape(-1)
+    if size.shape != (2,) or not np.issubdtype(size.dtype, np.integer) or (size < 1).any():
+        raise BackendError(f"out_size must be two positive integers (H, W), got {value!r}.")
+    return int(size[0]), int(size[1])
+
+
+def paper_outputs(
+    class_map: torch.Tensor, probs: torch.Tensor, num_classes: int, outputs: Sequence[str] | None
+) -> dict[str, np.ndarray]:
+    """The requested head outputs on the host: the class map narrowed on the device first, probs only if asked."""
+    names = (CLASS_MAP, PROBS) if outputs is None else tuple(outputs)
+    unknown = [n for n in names if n not in (CLASS_MAP, PROBS)]
+    if unknown:
+        raise BackendError(f"the paper head has no outputs {unknown} (it has {[CLASS_MAP, PROBS]}).")
+    result: dict[str, np.ndarray] = {}
+    if CLASS_MAP in names:
+        narrow = torch.uint8 if num_classes <= 255 else torch.int32
+        result[CLASS_MAP] = host_class_map(class_map.to(narrow).cpu().numpy(), num_classes)
+    if PROBS in names:
+        result[PROBS] = probs.float().cpu().numpy()
+    return result
+
+
 class TorchBackend:
     """GSNet in PyTorch behind the runtime's ``Backend`` protocol."""
 
@@ -139,6 +295,7 @@ class TorchBackend:
         self.model_digest = model.digest
         self._text: _TextRunner | None = None
         self._image: _ImageRunner | None = None
+        self._paper: _PaperRunners | None = None
 
     def __enter__(self) -> TorchBackend:
         """Move the model to its device and create the runners."""
@@ -155,11 +312,13 @@ class TorchBackend:
                     module.float()
         self._text = _TextRunner(self.model, self.device)
         self._image = _ImageRunner(self.model, self.device, dtype, self.cuda_graphs)
+        self._paper = _PaperRunners(self.model, self.device, dtype, self.cuda_graphs)
         return self
 
     def __exit__(self, *exc: object) -> None:
         """Drop the runners (the model stays usable)."""
         self._text = self._image = None
+        self._paper = None
 
     @property
     def text(self) -> _TextRunner:
@@ -174,3 +333,37 @@ class TorchBackend:
         if self._image is None:
             raise BackendError("the torch backend is not open; use it in a 'with' block")
         return self._image
+
+    @property
+    def paper(self) -> _PaperRunners:
+        """The paper protocol on the device, features kept there (``encode`` then ``decode``)."""
+        if self._paper is None:
+            raise BackendError("the torch backend is not open; use it in a 'with' block")
+        return self._paper
+
+    @property
+    def encoder(self) -> _EncoderRunner:
+        """The paper encoder as a host-array runner (features cross to the host: for re-querying)."""
+        return _EncoderRunner(self.paper)
+
+    @property
+    def head(self) -> _HeadRunner:
+        """The paper head as a host-array runner."""
+        return _HeadRunner(self.paper)
+
+    def segment_paper(
+        self, image: np.ndarray, text_embeds: np.ndarray, out_size: tuple[int, int], with_probs: bool = False
+    ) -> dict[str, np.ndarray]:
+        """The combined path: encoder and head on the device, only the class map (and probs if asked) to the host.
+
+        Args:
+            image: uint8 ``[1, 3, h, w]`` after ``ResizeShortestEdge``.
+            text_embeds: ``[N, 512]``.
+            out_size: the original (H, W).
+            with_probs: also return ``PROBS`` ``[N, H, W]``.
+        """
+        paper = self.paper
+        features = paper.encode(_paper_image(image).to(self.device))
+        text = torch.from_numpy(np.ascontiguousarray(text_embeds, dtype=np.float32))
+        class_map, probs = paper.decode(features, text, (int(out_size[0]), int(out_size[1])))
+        return paper_outputs(class_map, probs, text.shape[0], (CLASS_MAP, PROBS) if with_probs else (CLASS_MAP,))

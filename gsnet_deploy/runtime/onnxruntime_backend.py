@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: both exported graphs behind the runtime's ``Backend`` protocol.
 
-Construction opens and validates the ONNX folder (``runtime.onnx_dir``) without loading the
+Construction opens and validates the ONNX folder (``contracts.onnx_manifest``) without loading the
 graphs; ``__enter__`` creates the two sessions and ``__exit__`` releases them. Providers: CPU by
 default; with onnxruntime-gpu installed *and* a CUDA device present, CUDA first (CPU after it for
 any op CUDA lacks). The providers the sessions really got are in ``.providers``; when CUDA was
@@ -20,24 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from gsnet_deploy import io_names
+from gsnet_deploy.contracts import io_names
+from gsnet_deploy.contracts.onnx_manifest import OnnxDir, OnnxManifest, open_onnx_dir
 from gsnet_deploy.errors import BackendError
-from gsnet_deploy.runtime.onnx_dir import OnnxDir, OnnxManifest, open_onnx_dir
+from gsnet_deploy.runtime.ort_session import CPU_PROVIDER, CUDA_PROVIDER, import_onnxruntime, open_session
+from gsnet_deploy.runtime.protocol import host_class_map
 
-CPU_PROVIDER = "CPUExecutionProvider"
-CUDA_PROVIDER = "CUDAExecutionProvider"
-_NUMPY_TYPES: dict[str, type] = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
-
-
-def _import_onnxruntime() -> Any:
-    """``onnxruntime``, or a BackendError saying how to install it."""
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise BackendError(
-            f"ONNX Runtime is not installed ({err}); pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)."
-        ) from err
-    return onnxruntime
+_NUMPY_TYPES: dict[str, type] = {
+    "tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
+}  # fmt: skip
 
 
 def cuda_device_count() -> int:
@@ -104,11 +95,18 @@ class OnnxGraphRunner:
             checked[name] = array
         return checked
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph on host arrays (converted to float32 / int64 as the graph needs)."""
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the graph on host arrays (converted to the graph's dtypes); ``outputs``: only these (None: all)."""
         checked = self._check(feeds)
-        results = self.session.run(self.output_names, checked)
-        return {name: np.asarray(value) for name, value in zip(self.output_names, results)}
+        names = list(outputs) if outputs is not None else self.output_names
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise BackendError(f"{self.path.name} has no outputs {unknown} (it has {self.output_names}).")
+        results = self.session.run(names, checked)
+        arrays = {name: np.asarray(value) for name, value in zip(names, results)}
+        if io_names.CLASS_MAP in arrays and io_names.TEXT_EMBEDS in checked:
+            arrays[io_names.CLASS_MAP] = host_class_map(arrays[io_names.CLASS_MAP], checked[io_names.TEXT_EMBEDS].shape[0])
+        return arrays
 
 
 class OnnxRuntimeBackend:
@@ -144,19 +142,12 @@ class OnnxRuntimeBackend:
         self.providers: list[str] = []
         self._text: OnnxGraphRunner | None = None
         self._image: OnnxGraphRunner | None = None
-
-    def _session(self, ort: Any, path: Path, providers: list[str]) -> Any:
-        """One inference session on ``providers``."""
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as err:
-            raise BackendError(f"ONNX Runtime cannot load {path} ({type(err).__name__}: {err}); re-export the folder.") from err
+        self._encoder: OnnxGraphRunner | None = None
+        self._head: OnnxGraphRunner | None = None
 
     def __enter__(self) -> OnnxRuntimeBackend:
         """Create both sessions and record the providers they got."""
-        ort = _import_onnxruntime()
+        ort = import_onnxruntime()
         available = list(ort.get_available_providers())
         if self.requested_providers is not None:
             unknown = [p for p in self.requested_providers if p not in available]
@@ -165,8 +156,8 @@ class OnnxRuntimeBackend:
             wanted = self.requested_providers
         else:
             wanted = default_providers(available)
-        text_session = self._session(ort, self.onnx_dir.text_path, wanted)
-        image_session = self._session(ort, self.onnx_dir.image_path, wanted)
+        text_session = open_session(self.onnx_dir.text_path, wanted)
+        image_session = open_session(self.onnx_dir.image_path, wanted)
         got = list(image_session.get_providers())
         if wanted[0] not in got:
             if self.requested_providers is not None:
@@ -178,6 +169,10 @@ class OnnxRuntimeBackend:
         self.providers = got
         self._text = self._runner(text_session, self.onnx_dir.text_path, io_names.TEXT_INPUTS)
         self._image = self._runner(image_session, self.onnx_dir.image_path, io_names.IMAGE_INPUTS)
+        if self.onnx_dir.paper_encoder_path is not None and self.onnx_dir.paper_head_path is not None:
+            encoder, head = self.onnx_dir.paper_encoder_path, self.onnx_dir.paper_head_path
+            self._encoder = self._runner(open_session(encoder, wanted), encoder, io_names.PAPER_ENCODER_INPUTS)
+            self._head = self._runner(open_session(head, wanted), head, io_names.PAPER_HEAD_INPUTS)
         return self
 
     @staticmethod
@@ -192,7 +187,7 @@ class OnnxRuntimeBackend:
 
     def __exit__(self, *exc: object) -> None:
         """Release both sessions."""
-        self._text = self._image = None
+        self._text = self._image = self._encoder = self._head = None
         self.providers = []
 
     @property
@@ -208,3 +203,24 @@ class OnnxRuntimeBackend:
         if self._image is None:
             raise BackendError("the onnxruntime backend is not open; use it in a 'with' block")
         return self._image
+
+    def _paper_runner(self, runner: OnnxGraphRunner | None) -> OnnxGraphRunner:
+        """``runner``, or why there is none."""
+        if self._text is None:
+            raise BackendError("the onnxruntime backend is not open; use it in a 'with' block")
+        if runner is None:
+            raise BackendError(
+                f"ONNX folder {self.onnx_dir.path} has no {io_names.PAPER_ENCODER_FILE} / {io_names.PAPER_HEAD_FILE} "
+                "(exported before the device protocol); re-run `gsnet export onnx`."
+            )
+        return runner
+
+    @property
+    def encoder(self) -> OnnxGraphRunner:
+        """The paper protocol's encoder (image -> PAPER_FEATURES)."""
+        return self._paper_runner(self._encoder)
+
+    @property
+    def head(self) -> OnnxGraphRunner:
+        """The paper protocol's head (features, text_embeds, out_size -> class_map, probs)."""
+        return self._paper_runner(self._head)

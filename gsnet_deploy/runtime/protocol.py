@@ -10,8 +10,10 @@ Steps, as the official GSNet code runs them at test time (design.md section 1):
    640x640 map is averaged with the global view upsampled to 640, and the result is resized to
    the original image size (bilinear). The predicted class is the argmax.
 
-Everything here is torch-free so that every backend (torch, ONNX Runtime, TensorRT) shares one
-implementation of the protocol.
+Everything here is torch-free. The device protocol (``model.protocol``, exported as
+``paper_encoder.onnx`` / ``paper_head.onnx``) runs the same steps on each backend's device; this
+numpy version is its reference in the tests (equal within 1e-6 on probabilities), and the host's
+``ResizeShortestEdge`` (``resize_shortest_edge``) is shared by both.
 """
 
 from __future__ import annotations
@@ -122,3 +124,8 @@ def merge_paper_logits(logits: np.ndarray, height: int, width: int) -> np.ndarra
     global_prob = resize_bilinear(probs[-1], (CANVAS, CANVAS))  # [N, 640, 640]
     merged = (tiled + global_prob) / np.float32(2.0)
     return resize_bilinear(merged, (height, width))  # [N, H, W]
+
+
+def host_class_map(class_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """A device class map (int32/int64 ``[H, W]``) as the host keeps it: uint8 up to 255 classes, int32 beyond."""
+    return class_map.astype(np.uint8 if num_classes <= 255 else np.int32, copy=False)

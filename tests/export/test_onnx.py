@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from gsnet_deploy.errors import ExportError
 
@@ -46,7 +46,7 @@ def image_session(tiny_onnx_dir):
 
 def test_export_onnx_writes_both_graphs_and_manifest(tiny_onnx_dir, tiny_model):
     names = sorted(p.name for p in tiny_onnx_dir.iterdir())
-    assert names == ["image_graph.onnx", "manifest.json", "text_encoder.onnx"]
+    assert names == ["image_graph.onnx", "manifest.json", "paper_encoder.onnx", "paper_head.onnx", "text_encoder.onnx"]
     assert sorted(p.name for p in tiny_onnx_dir.parent.iterdir()) == ["onnx"]  # no temp folder left behind
     manifest = json.loads((tiny_onnx_dir / "manifest.json").read_text())
     assert manifest["model_digest"] == tiny_model.digest
@@ -145,30 +145,48 @@ def test_export_onnx_failure_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a temp folder
 
 
-def test_move_into_replaces_files_of_an_existing_folder(tmp_path):
-    from gsnet_deploy.export.onnx import _move_into
+def test_export_onnx_replaces_files_of_an_existing_folder(tiny_model, tmp_path):
+    """Bug caught: the set of three files not committed into an existing folder (or part files left)."""
+    from gsnet_deploy.contracts.atomic import leftover_parts
+    from gsnet_deploy.export.onnx import export_onnx
 
     names = ("text_encoder.onnx", "image_graph.onnx", "manifest.json")
-    out, tmp = tmp_path / "out", tmp_path / ".out.tmp"
+    out = tmp_path / "out"
     out.mkdir()
-    tmp.mkdir()
     for name in names:
         (out / name).write_text("old")
-        (tmp / name).write_text("new")
     (out / "notes.txt").write_text("kept")
-    _move_into(tmp, out, names)
-    assert {p.name: p.read_text() for p in out.iterdir()} == {**dict.fromkeys(names, "new"), "notes.txt": "kept"}
-    assert list(tmp.iterdir()) == []
+    export_onnx(tiny_model, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "paper_encoder.onnx", "paper_head.onnx", "notes.txt"])
+    assert (out / "notes.txt").read_text() == "kept"
+    assert all((out / name).read_bytes() != b"old" for name in names)
+    assert json.loads((out / "manifest.json").read_text())["model_digest"] == tiny_model.digest
+    assert leftover_parts(out) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_move_into_renames_a_new_folder(tmp_path):
-    from gsnet_deploy.export.onnx import _move_into
+def test_save_onnx_atomic_commits_model_and_external_data_together(tmp_path, monkeypatch):
+    """Bug caught: the external-data file written straight under its final name, or left as a part file."""
+    from gsnet_deploy.contracts.atomic import AtomicFiles
+    from gsnet_deploy.export import onnx_save
 
-    tmp = tmp_path / ".out.tmp"
-    tmp.mkdir()
-    (tmp / "manifest.json").write_text("{}")
-    _move_into(tmp, tmp_path / "out", ("manifest.json",))
-    assert not tmp.exists() and (tmp_path / "out" / "manifest.json").read_text() == "{}"
+    values = np.arange(3 * 400, dtype=np.float32).reshape(3, 400)  # over onnx's 1 KiB external-data threshold
+    weight = numpy_helper.from_array(values, name="w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 400])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    monkeypatch.setattr(onnx_save, "PROTOBUF_LIMIT", 0)  # force the external-data path on a tiny model
+    path = tmp_path / "m.onnx"
+    with AtomicFiles() as files:
+        onnx_save.save_onnx_atomic(model, path, files)
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []  # nothing final yet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    loaded = onnx.load(str(path))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), values)
 
 
 def test_flatten_to_reshape_keeps_values_and_symbolic_dims():

@@ -171,7 +171,7 @@ def test_backend_refuses_unknown_provider(onnx_dir):
 
 
 def test_open_onnx_dir_missing_graph(onnx_dir, tmp_path):
-    from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+    from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
     from gsnet_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     broken = _copy_dir(onnx_dir, tmp_path / "onnx")
@@ -185,7 +185,7 @@ def test_open_onnx_dir_missing_graph(onnx_dir, tmp_path):
 
 
 def test_open_onnx_dir_graphs_from_different_weights(onnx_dir, tmp_path):
-    from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+    from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
 
     mixed = _copy_dir(onnx_dir, tmp_path / "onnx")
     _restamp(mixed / "image_graph.onnx", model_digest="0123456789abcdef")
@@ -194,7 +194,7 @@ def test_open_onnx_dir_graphs_from_different_weights(onnx_dir, tmp_path):
 
 
 def test_open_onnx_dir_manifest_json_disagrees(onnx_dir, tmp_path):
-    from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+    from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
 
     mixed = _copy_dir(onnx_dir, tmp_path / "onnx")
     manifest = json.loads((mixed / "manifest.json").read_text())
@@ -208,7 +208,7 @@ def test_open_onnx_dir_foreign_onnx_file(onnx_dir, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+    from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
 
     foreign = _copy_dir(onnx_dir, tmp_path / "onnx")
     graph = helper.make_graph(
@@ -224,7 +224,7 @@ def test_open_onnx_dir_foreign_onnx_file(onnx_dir, tmp_path):
 
 
 def test_open_onnx_dir_not_an_onnx_file(onnx_dir, tmp_path):
-    from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+    from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
 
     junk = _copy_dir(onnx_dir, tmp_path / "onnx")
     (junk / "text_encoder.onnx").write_bytes(b"\x00\x01 definitely not protobuf")
@@ -233,7 +233,7 @@ def test_open_onnx_dir_not_an_onnx_file(onnx_dir, tmp_path):
 
 
 def test_open_onnx_dir_swapped_graphs(onnx_dir, tmp_path):
-    from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+    from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
 
     swapped = _copy_dir(onnx_dir, tmp_path / "onnx")
     shutil.copy(onnx_dir / "text_encoder.onnx", swapped / "image_graph.onnx")
@@ -242,7 +242,7 @@ def test_open_onnx_dir_swapped_graphs(onnx_dir, tmp_path):
 
 
 def test_open_onnx_dir_missing_manifest_json(onnx_dir, tmp_path):
-    from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+    from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
 
     bare = _copy_dir(onnx_dir, tmp_path / "onnx")
     (bare / "manifest.json").unlink()
@@ -254,7 +254,7 @@ def test_read_metadata_props_agrees_with_onnx(onnx_dir, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from gsnet_deploy.runtime.onnx_dir import read_metadata_props
+    from gsnet_deploy.contracts.onnx_manifest import read_metadata_props
 
     for name in ("text_encoder.onnx", "image_graph.onnx"):
         model = onnx.load(str(onnx_dir / name))
@@ -280,7 +280,7 @@ def test_runtime_modules_import_and_run_without_torch(onnx_dir):
 
         sys.meta_path.insert(0, BlockTorch())
         import numpy as np
-        from gsnet_deploy.runtime.onnx_dir import open_onnx_dir
+        from gsnet_deploy.contracts.onnx_manifest import open_onnx_dir
         from gsnet_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
         assert open_onnx_dir({str(onnx_dir)!r}).manifest.view_size == 384

@@ -1,0 +1,136 @@
+"""One GPU session: the paper protocol on the device vs the image graph alone (issue 12.6), torch fp16.
+
+For N in --classes (default 5 40), on one 768x512 image, with the torch backend in fp16 with CUDA
+graphs (demo weights unless --checkpoint; timings are real, masks are not):
+
+- graph: the image graph alone on 5 device-resident views (CUDA events), the floor of a whole image;
+- per image: ``predict_paper`` as ``gsnet segment`` calls it (host ResizeShortestEdge, the
+  backend's combined encoder+head path, class map copied to the host), host wall clock;
+  goal: per image <= graph + 2 ms at N=40;
+- folder: ``segment_files`` on a folder of --folder images (decode, graphs, mask + overlay written,
+  pipelined) through ``bench.folder``; goal: images/s within 10% of 1 / graph at N=40.
+
+Writes ``device_protocol_<gpu>_<date>.json`` and ``.md`` atomically into --out. Exit status 0 even
+when a goal is missed (the report says so); 2 when no CUDA device is present (unless --dry-run).
+
+Usage: python benchmarks/device_protocol_gpu.py --out benchmarks/results [--model-size paper] [--iters 50]
+       python benchmarks/device_protocol_gpu.py --dry-run   (CPU, tiny model, fp32: checks the script runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gsnet_deploy.backends import BackendKind, BackendOptions, open_backend
+from gsnet_deploy.bench.folder import make_folder, measure_folder
+from gsnet_deploy.bench.latency_options import CLASS_NAMES, IMAGE_HW
+from gsnet_deploy.bench.measure import _tokens
+from gsnet_deploy.bench.timers import time_cuda, time_host, timing_stats
+from gsnet_deploy.contracts.atomic import write_json_atomic, write_text_atomic
+from gsnet_deploy.contracts.io_names import TEXT_EMBEDS, TEXT_TOKENS
+from gsnet_deploy.contracts.model_size import ModelSize
+from gsnet_deploy.runtime.protocol import paper_views
+from gsnet_deploy.runtime.segment import predict_paper
+from gsnet_deploy.runtime.vocab import parse_classes
+
+GRAPH_SLACK_MS = 2.0  # per image <= graph + this, at N=40
+FOLDER_TOLERANCE = 0.10  # folder images/s >= (1 - this) / graph
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement of the session, as the JSON payload."""
+    cuda = torch.cuda.is_available() and not args.dry_run
+    options = BackendOptions(kind=BackendKind.TORCH, checkpoint=args.checkpoint, device="cuda" if cuda else "cpu",
+                             size=ModelSize.TINY if args.dry_run else ModelSize(args.model_size), fp16=cuda,
+                             cuda_graphs=cuda)  # fmt: skip
+    iters, warmup = (2, 1) if args.dry_run else (args.iters, 5)
+    rgb = np.random.default_rng(0).integers(0, 256, size=(*IMAGE_HW, 3), dtype=np.uint8)  # [512, 768, 3]
+    results: dict[str, Any] = {}
+    with open_backend(options, warn=False) as backend, tempfile.TemporaryDirectory(prefix="gsnet-gpu-folder-") as tmp:
+        images = make_folder(Path(tmp), 2 if args.dry_run else args.folder, *IMAGE_HW)
+        for n in args.classes:
+            text = backend.text.run({TEXT_TOKENS: _tokens(n)})[TEXT_EMBEDS]  # [N, 512]
+            views = torch.from_numpy(paper_views(rgb).views).to(backend.device)  # [5, 3, 384, 384]
+            text_dev = torch.from_numpy(text).to(backend.device)  # [N, 512]
+
+            def graph_call(views: torch.Tensor = views, text_dev: torch.Tensor = text_dev) -> object:
+                return backend.image.forward(views, text_dev)
+
+            graph = time_cuda(graph_call, iters, warmup) if cuda else time_host(graph_call, iters, warmup)
+
+            def image_call(text: np.ndarray = text) -> object:
+                return predict_paper(backend, rgb, text, want_probs=False)
+
+            per_image = time_host(image_call, iters, warmup)
+            vocab = parse_classes(",".join(f"{CLASS_NAMES[i % len(CLASS_NAMES)]} {i}" for i in range(n)))
+            measure_folder(backend, vocab, images[:2], device_protocol=True)  # warm-up (CUDA graph capture)
+            folder = measure_folder(backend, vocab, images, device_protocol=True)
+            g, p = statistics.median(graph), statistics.median(per_image)
+            results[f"N={n}"] = {
+                "graph": {**timing_stats(graph), "timer": "CUDA events, device tensors" if cuda else "host wall clock"},
+                "per_image": {**timing_stats(per_image), "timer": "host wall clock, predict_paper"},
+                "folder": {**folder, "images_per_s": 1e3 / folder["per_image_ms"], "graph_images_per_s": 1e3 / g},
+                "per_image_goal_met": p <= g + GRAPH_SLACK_MS,
+                "folder_goal_met": folder["per_image_ms"] <= g / (1 - FOLDER_TOLERANCE),
+            }
+            print(f"N={n}: graph {g:.2f} ms, per image {p:.2f} ms, folder {folder['per_image_ms']:.2f} ms/image", file=sys.stderr)
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu (dry run)"
+    return {"card": gpu, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+            "model": "tiny" if args.dry_run else args.model_size, "weights": str(args.checkpoint or "demo weights"),
+            "precision": "fp16, CUDA graphs" if cuda else "fp32", "image": f"{IMAGE_HW[1]}x{IMAGE_HW[0]}",
+            "torch": torch.__version__, "results": results}  # fmt: skip
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The payload as a short markdown report."""
+    lines = [f"# Paper protocol on the device: {payload['card']}", "",
+             f"- Date: {payload['date']}. Command: `{payload['command']}`.",
+             f"- Model: {payload['model']}, {payload['weights']}, torch {payload['torch']}, {payload['precision']}; "
+             f"image {payload['image']}.", "",
+             "| N | graph median ms | per image median ms | goal graph + 2 ms | folder ms/image | folder images/s | "
+             "1/graph images/s | goal within 10% |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, r in payload["results"].items():
+        lines.append(f"| {key[2:]} | {r['graph']['median_ms']:.2f} | {r['per_image']['median_ms']:.2f} | "
+                     f"{'met' if r['per_image_goal_met'] else 'missed'} | {r['folder']['per_image_ms']:.2f} | "
+                     f"{r['folder']['images_per_s']:.1f} | {r['folder']['graph_images_per_s']:.1f} | "
+                     f"{'met' if r['folder_goal_met'] else 'missed'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--classes", type=int, nargs="+", default=[5, 40])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--folder", type=int, default=50, help="images in the folder run (default: 50)")
+    parser.add_argument("--model-size", choices=[m.value for m in ModelSize], default="paper")
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check that the script runs")
+    args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: run on a GPU host, or pass --dry-run", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    payload = run(args)
+    payload["seconds"] = time.perf_counter() - start
+    card = payload["card"].lower().replace(" ", "-").replace("(", "").replace(")", "")
+    stem = args.out / f"device_protocol_{card}_{payload['date']}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stem.with_suffix(".json"), payload)
+    write_text_atomic(stem.with_suffix(".md"), markdown(payload))
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
