@@ -5,7 +5,8 @@ official modules on CPU with the deterministic weights of ``tools/golden/officia
 (official checkpoint layout), a synthetic 200x300 image and a vocabulary with a synonym, under
 the paper's sliding-window protocol, for class-transformer pooling [1,1] and [2,2]. Here the same
 weights go through OUR checkpoint loader into OUR model, the same image through OUR protocol,
-and every recorded stage must match within 1e-5: text tokens and embeddings, CLIP blocks 3/7 and
+and every recorded stage must match within 1e-5 of its own scale (absolute below 1, relative above:
+the aggregator's outputs reach 13, where float32 rounding alone is 1e-6): text tokens and embeddings, CLIP blocks 3/7 and
 the dense last block after ``proj``, DINO blocks 3/7/11 after the norm, QGFF, each aggregator
 layer, logits and merged probabilities. A wrong eps, tap, shift, mapping, interpolation mode or
 protocol step moves at least one stage far beyond that.
@@ -186,7 +187,7 @@ def test_stage_matches_official(golden, ours, stage: str) -> None:
     assert actual.shape == expected.shape, f"{stage}: shape {actual.shape} vs official {expected.shape}"
     diff = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max())
     scale = float(np.abs(expected).max())
-    assert diff <= ATOL, f"{stage}: max abs diff {diff:.3g} vs official (values up to {scale:.3g})"
+    assert diff <= ATOL * max(1.0, scale), f"{stage}: max abs diff {diff:.3g} vs official (values up to {scale:.3g})"
 
 
 def test_loaded_swin_masks_equal_the_official_modules_masks(golden, ours) -> None:
