@@ -65,6 +65,7 @@ def main() -> int:
     parser.add_argument("--size", default="512x768", help="HxW of the test images")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default=None, help="result file stem (default: serve_load_<date>)")
+    parser.add_argument("--note", default="", help="what the model is (e.g. 'tiny demo config')")
     args = parser.parse_args()
 
     h, w = (int(v) for v in args.size.split("x"))
@@ -111,7 +112,8 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "card": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "onnxruntime": version("onnxruntime-gpu") if _has("onnxruntime-gpu") else version("onnxruntime")},
-        "model": json.loads((args.onnx / "manifest.json").read_text()).get("model_size", "see manifest"),
+        "model": {"digest": json.loads((args.onnx / "manifest.json").read_text())["model_digest"],
+                  "image_graph_mb": round((args.onnx / "image_graph.onnx").stat().st_size / 1e6, 1), "note": args.note},
         "instances": args.instances, "clients": args.clients, "requests": args.requests, "image": [h, w],
         "errors": 0, "mismatches": 0,
         "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p90": float(np.percentile(latencies, 90)),
@@ -125,7 +127,7 @@ def main() -> int:
     write_text_atomic(
         args.out / f"{stem}.md",
         f"# gsnet serve under load ({result['date']})\n\n"
-        f"Command: `{result['command']}`\n\nCard: {result['card']}\n\n"
+        f"Command: `{result['command']}`\n\nCard: {result['card']}\n\nModel: {result['model']}\n\n"
         f"| instances | clients | requests | image | p50 ms | p99 ms | req/s | errors |\n|---|---|---|---|---|---|---|---|\n"
         f"| {args.instances} | {args.clients} | {args.requests} | {h}x{w} | {lat['p50']:.0f} | {lat['p99']:.0f} | "
         f"{result['requests_per_s']:.2f} | 0 |\n",
