@@ -444,10 +444,8 @@ class Segmenter:
             encoded_cache_bytes: byte budget of the encoded-image cache (0 disables it).
 
         """
-        backend = open_backend(BackendOptions(kind=BackendKind.ONNXRUNTIME, onnx_dir=Path(onnx_dir)))
-        return cls(
-            backend, pooling=pooling, template=template, text_cache_dir=text_cache_dir, encoded_cache_bytes=encoded_cache_bytes
-        )
+        options = BackendOptions(kind=BackendKind.ONNXRUNTIME, onnx_dir=Path(onnx_dir))
+        return cls._from_options(options, pooling, template, text_cache_dir, encoded_cache_bytes)
 
     @classmethod
     def from_engine(
@@ -469,10 +467,23 @@ class Segmenter:
             encoded_cache_bytes: byte budget of the encoded-image cache (0 disables it).
 
         """
-        backend = open_backend(BackendOptions(kind=BackendKind.TENSORRT, engine_dir=Path(engine_dir)))
+        options = BackendOptions(kind=BackendKind.TENSORRT, engine_dir=Path(engine_dir))
+        return cls._from_options(options, pooling, template, text_cache_dir, encoded_cache_bytes)
+
+    @classmethod
+    def _from_options(
+        cls,
+        options: BackendOptions,
+        pooling: int | None,
+        template: str,
+        text_cache_dir: str | Path | None,
+        encoded_cache_bytes: int,
+    ) -> Segmenter:
+        """A Segmenter on the backend ``options`` describe (the one backend factory opens it)."""
         return cls(
-            backend, pooling=pooling, template=template, text_cache_dir=text_cache_dir, encoded_cache_bytes=encoded_cache_bytes
-        )
+            open_backend(options), pooling=pooling, template=template, text_cache_dir=text_cache_dir,
+            encoded_cache_bytes=encoded_cache_bytes,
+        )  # fmt: skip
 
     def __enter__(self) -> Segmenter:
         """The Segmenter itself (already open)."""
