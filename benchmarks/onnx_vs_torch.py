@@ -11,15 +11,18 @@ folder is exported into a temporary directory unless ``--onnx DIR`` gives one of
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from gsnet_deploy.contracts.atomic import write_json_atomic
 
 
 def _cpu_name() -> str:
@@ -98,6 +101,8 @@ def main() -> None:
     ratio = medians["torch"] / medians["onnxruntime"]
     result = {
         "benchmark": "onnx_vs_torch",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
         "model": "tiny" if args.tiny else "paper",
         "model_digest": model.digest,
         "protocol": "paper-sliding-window, 5 views in one batch",
@@ -124,10 +129,7 @@ def main() -> None:
         print(f"  {name:12s} median {medians[name]:9.1f} ms   p90 {p90(v):9.1f} ms")
     print(f"  torch / onnxruntime = {ratio:.2f}x   (max |logit diff| {max_abs:.2e})")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-        tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_out, args.out)
+        write_json_atomic(args.out, result)
         print(f"wrote {args.out}")
 
 
