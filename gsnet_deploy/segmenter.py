@@ -42,7 +42,13 @@ from gsnet_deploy.encoded_cache import DEFAULT_MAX_BYTES, EncodedCache, content_
 from gsnet_deploy.errors import BackendError, GSNetError, ImageError
 from gsnet_deploy.runtime.backend import Backend
 from gsnet_deploy.runtime.images import _to_rgb_array, load_image
-from gsnet_deploy.runtime.protocol import merge_paper_logits, paper_views, resize_shortest_edge, shortest_edge_size
+from gsnet_deploy.runtime.protocol import (
+    host_class_map,
+    merge_paper_logits,
+    paper_views,
+    resize_shortest_edge,
+    shortest_edge_size,
+)
 from gsnet_deploy.runtime.tokenizer import BpeTokenizer
 from gsnet_deploy.runtime.vocab import DEFAULT_TEMPLATE, TextEmbeddingCache, Vocabulary, parse_classes
 
@@ -50,7 +56,6 @@ __all__ = ["EncodedImage", "Segmentation", "Segmenter"]
 
 ImageLike = str | Path | np.ndarray | Image.Image  # a file path, a PIL image or an RGB uint8 array [H, W, 3]
 ClassesLike = str | Sequence[str] | Vocabulary  # "building,road" or ["building", "low vegetation, grass"]
-MAX_CLASSES_UINT8 = 255  # class maps are uint8 up to this many classes, int32 beyond
 _VIEWS_FEATURE = "views"  # the one feature of backends without an encoder/head split: the 5 views
 _SEAL_SAMPLES = 4096  # elements sampled from each feature array for the seal
 
@@ -94,8 +99,7 @@ class _OnePiecePath:
         feeds = {io_names.IMAGES: features[_VIEWS_FEATURE], io_names.TEXT_EMBEDS: text_embeds}
         logits = self.backend.image.run(feeds)[io_names.LOGITS]  # [5, N, 96, 96]
         merged = merge_paper_logits(logits, *out_size)  # [N, H, W]
-        dtype = np.uint8 if merged.shape[0] <= MAX_CLASSES_UINT8 else np.int32
-        return np.argmax(merged, axis=0).astype(dtype), (merged if probs else None)
+        return host_class_map(np.argmax(merged, axis=0), merged.shape[0]), (merged if probs else None)
 
 
 class _SplitPath:
@@ -122,9 +126,8 @@ class _SplitPath:
         feeds = {**features, io_names.TEXT_EMBEDS: text_embeds, io_names.OUT_SIZE: np.asarray(out_size, dtype=np.int64)}
         wanted = (io_names.CLASS_MAP, io_names.PROBS) if probs else (io_names.CLASS_MAP,)
         out = self.backend.head.run(feeds, outputs=wanted)  # type: ignore[attr-defined]
-        class_map = out[io_names.CLASS_MAP]  # [H, W]
-        dtype = np.uint8 if text_embeds.shape[0] <= MAX_CLASSES_UINT8 else np.int32
-        return class_map.astype(dtype, copy=False), (np.asarray(out[io_names.PROBS], dtype=np.float32) if probs else None)
+        class_map = host_class_map(out[io_names.CLASS_MAP], text_embeds.shape[0])  # [H, W]
+        return class_map, (np.asarray(out[io_names.PROBS], dtype=np.float32) if probs else None)
 
 
 def has_split(backend: Backend) -> bool:

@@ -50,7 +50,7 @@ from gsnet_deploy.errors import GSNetError, ImageError, VocabularyError
 from gsnet_deploy.runtime import outputs
 from gsnet_deploy.runtime.backend import Backend, GraphRunner
 from gsnet_deploy.runtime.images import MAX_PIXELS, LoadedImage, decodes_whole, load_image
-from gsnet_deploy.runtime.protocol import merge_paper_logits, paper_views, resize_shortest_edge
+from gsnet_deploy.runtime.protocol import host_class_map, merge_paper_logits, paper_views, resize_shortest_edge
 from gsnet_deploy.runtime.tiling import WINDOW
 from gsnet_deploy.runtime.tokenizer import BpeTokenizer
 from gsnet_deploy.runtime.vocab import DEFAULT_TEMPLATE, TextEmbeddingCache, Vocabulary
@@ -220,10 +220,6 @@ def protocol_runners(backend: Backend) -> tuple[GraphRunner, GraphRunner] | None
     return encoder, head
 
 
-def _class_map_dtype(num_classes: int) -> type[np.integer]:
-    return np.uint8 if num_classes <= 256 else np.int32
-
-
 def predict_paper(
     backend: Backend, rgb: np.ndarray, text_embeds: np.ndarray, want_probs: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -241,7 +237,7 @@ def predict_paper(
     runners = protocol_runners(backend)
     if runners is None:
         probs = segment_paper(backend, rgb, text_embeds)  # [N, H, W]
-        class_map = np.argmax(probs, axis=0).astype(_class_map_dtype(num_classes))  # [H, W]
+        class_map = host_class_map(np.argmax(probs, axis=0), num_classes)  # [H, W]
         return class_map, (probs if want_probs else None)
     encoder, head = runners
     resized = resize_shortest_edge(rgb)  # [h, w, 3] uint8
@@ -254,7 +250,7 @@ def predict_paper(
         feeds = {**features, TEXT_EMBEDS: text_embeds, OUT_SIZE: np.array([height, width], dtype=np.int64)}
         wanted = (CLASS_MAP, PROBS) if want_probs else (CLASS_MAP,)
         out = head.run(feeds, outputs=wanted)
-    class_map = out[CLASS_MAP].astype(_class_map_dtype(num_classes), copy=False)  # [H, W]
+    class_map = host_class_map(out[CLASS_MAP], num_classes)  # [H, W]
     if class_map.shape != (height, width):
         raise GSNetError(f"the {backend.name} paper head returned a {class_map.shape} class map for a {width}x{height} image")
     device_probs = out[PROBS].astype(np.float32, copy=False) if want_probs else None  # [N, H, W]
