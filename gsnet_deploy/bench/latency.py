@@ -105,6 +105,16 @@ def _engine_precision(engine_dir: Path) -> str:
     return str(getattr(precision, "value", precision))
 
 
+def host_was_busy(load_at_start: float | None, load_at_end: float, cores: int) -> bool:
+    """Whether other work ran beside the benchmark, judged from the 1-minute load average.
+
+    At the start the benchmark has not run yet, so any load near half the cores is someone else's;
+    at the end the benchmark's own threads count (up to one per core), so only more than one
+    runnable task above the core count means others were running.
+    """
+    return (load_at_start or 0.0) > cores / 2 or load_at_end > cores + 1
+
+
 def run_latency(options: LatencyOptions, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> str:
     """Measure every variant this host can run and write the report; returns the markdown table.
 
@@ -151,8 +161,8 @@ def run_latency(options: LatencyOptions, log: Callable[[str], None] = lambda m: 
     add_efficiency(report)
     if hasattr(os, "getloadavg"):
         report.host["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-        if max(report.host.get("load_average_1m_at_start") or 0.0, report.host["load_average_1m_at_end"]) > (os.cpu_count() or 1):
-            report.notes.append("the host was busy (1-minute load above its core count): CPU timings are inflated")
+        if host_was_busy(report.host.get("load_average_1m_at_start"), report.host["load_average_1m_at_end"], os.cpu_count() or 1):
+            report.notes.append("the host was busy (other work ran beside the benchmark): CPU timings are inflated")
     paths = write_report(report, options)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return format_markdown(report)

@@ -248,3 +248,14 @@ def test_qgff_front_switch_restores_on_error() -> None:
         assert qgff.cost_volume_reference is cost_volume.fused_cost_volume
         raise RuntimeError("boom")
     assert qgff.cost_volume_reference is original
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "busy"),
+    [(0.8, 2.2, False), (1.5, 2.2, True), (0.2, 3.4, True), (None, 2.9, False)],
+)
+def test_host_was_busy_ignores_the_benchmarks_own_threads(start: float | None, end: float, busy: bool) -> None:
+    """Catches: the benchmark's own 2 threads on 2 cores (end load ~2.2) reported as a busy host."""
+    from gsnet_deploy.bench.latency import host_was_busy
+
+    assert host_was_busy(start, end, cores=2) is busy
