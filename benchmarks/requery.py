@@ -31,7 +31,7 @@ import numpy as np
 from gsnet_deploy import Segmenter
 from gsnet_deploy.backends import BackendKind, BackendOptions, open_backend
 from gsnet_deploy.contracts.model_size import ModelSize
-from gsnet_deploy.segmenter import has_split
+from gsnet_deploy.runtime.paper_path import protocol_runners
 
 WORDS = (
     "building road tree car water grass roof bridge ship field forest river parking lot court pool tank "
@@ -68,7 +68,7 @@ class _ProtocolRunner:
 def _torch_split_backend(size: ModelSize) -> Any:
     """The torch backend with encoder/head runners: its own, or ``model.protocol``'s modules where it has none yet."""
     backend: Any = open_backend(BackendOptions(kind=BackendKind.TORCH, size=size, device="cpu"))
-    if has_split(backend):
+    if protocol_runners(backend) is not None:
         return backend
     from gsnet_deploy.model.protocol import PaperEncoder, PaperHead
 

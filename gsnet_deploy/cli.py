@@ -129,7 +129,7 @@ def _segment_vocabularies(args: argparse.Namespace, vocabs: list) -> int:
     failed = 0
     start = time.perf_counter()
     backend = open_backend(_backend_options(args))
-    with Segmenter(backend, pooling=args.pooling, text_cache_dir=None if args.no_cache else _default_cache_dir()) as seg:
+    with Segmenter(backend, text_cache_dir=None if args.no_cache else _default_cache_dir()) as seg:
         for path in args.images:
             try:
                 results = seg.segment_many(path, [list(v.names) for v in vocabs], probs=args.save_probs)
@@ -389,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def open_predictor() -> Segmenter:
         backend = open_backend(options, warn=not warned)
         warned.append(True)
-        return Segmenter(backend, pooling=options.pooling)
+        return Segmenter(backend)  # pooling: from the backend (--pooling for torch, else its manifest)
 
     return serve(open_predictor, serve_options)
 
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--model-size", choices=[m.value for m in ModelSize], default="paper", help=argparse.SUPPRESS)
     onnx.set_defaults(func=cmd_export_onnx)
 
-    build = exp_sub.add_parser("build", help="build TensorRT engines (fp16, int8 or best)")
+    build = exp_sub.add_parser("build", help="build TensorRT engines (fp16, int8, best); paper encoder, head when exported")
     build.add_argument("--checkpoint", type=Path)
     build.add_argument("--onnx", type=Path, help="ONNX folder (default: export it into OUT/onnx)")
     build.add_argument("--precision", choices=["fp16", "int8", "best"], required=True)

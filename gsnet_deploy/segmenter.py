@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -42,13 +41,8 @@ from gsnet_deploy.encoded_cache import DEFAULT_MAX_BYTES, EncodedCache, content_
 from gsnet_deploy.errors import BackendError, GSNetError, ImageError
 from gsnet_deploy.runtime.backend import Backend
 from gsnet_deploy.runtime.images import _to_rgb_array, load_image
-from gsnet_deploy.runtime.protocol import (
-    host_class_map,
-    merge_paper_logits,
-    paper_views,
-    resize_shortest_edge,
-    shortest_edge_size,
-)
+from gsnet_deploy.runtime.paper_path import PaperPath, paper_path
+from gsnet_deploy.runtime.protocol import resize_shortest_edge, shortest_edge_size
 from gsnet_deploy.runtime.tokenizer import BpeTokenizer
 from gsnet_deploy.runtime.vocab import DEFAULT_TEMPLATE, TextEmbeddingCache, Vocabulary, parse_classes
 
@@ -56,103 +50,7 @@ __all__ = ["EncodedImage", "Segmentation", "Segmenter"]
 
 ImageLike = str | Path | np.ndarray | Image.Image  # a file path, a PIL image or an RGB uint8 array [H, W, 3]
 ClassesLike = str | Sequence[str] | Vocabulary  # "building,road" or ["building", "low vegetation, grass"]
-_VIEWS_FEATURE = "views"  # the one feature of backends without an encoder/head split: the 5 views
 _SEAL_SAMPLES = 4096  # elements sampled from each feature array for the seal
-
-
-class PaperPath(Protocol):
-    """How a backend runs the paper protocol in two steps (the seam between the API and the graphs)."""
-
-    feature_names: tuple[str, ...]  # the names ``encode`` returns
-
-    def encode(self, resized: np.ndarray) -> dict[str, np.ndarray]:
-        """Class-independent features of an image after ResizeShortestEdge (uint8 ``[h, w, 3]``)."""
-        ...
-
-    def decode(
-        self, features: Mapping[str, np.ndarray], text_embeds: np.ndarray, out_size: tuple[int, int], probs: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Class map ``[H, W]`` and, when ``probs``, float32 probabilities ``[N, H, W]``."""
-        ...
-
-
-class _OnePiecePath:
-    """The paper protocol on the one-piece image graph: the features are the 5 views, the head is everything.
-
-    Used for backends without encoder and head runners; ``segment`` on an encoded image then
-    saves only the preprocessing.
-    """
-
-    feature_names: tuple[str, ...] = (_VIEWS_FEATURE,)
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-
-    def encode(self, resized: np.ndarray) -> dict[str, np.ndarray]:
-        # NOTE: paper_views resizes again; ResizeShortestEdge of an already resized image is the identity
-        views = paper_views(resized).views  # [5, 3, 384, 384]
-        return {_VIEWS_FEATURE: views}
-
-    def decode(
-        self, features: Mapping[str, np.ndarray], text_embeds: np.ndarray, out_size: tuple[int, int], probs: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        feeds = {io_names.IMAGES: features[_VIEWS_FEATURE], io_names.TEXT_EMBEDS: text_embeds}
-        logits = self.backend.image.run(feeds)[io_names.LOGITS]  # [5, N, 96, 96]
-        merged = merge_paper_logits(logits, *out_size)  # [N, H, W]
-        return host_class_map(np.argmax(merged, axis=0), merged.shape[0]), (merged if probs else None)
-
-
-class _SplitPath:
-    """The paper protocol on the backend's encoder and head runners (``paper_encoder`` / ``paper_head`` graphs).
-
-    The encoder takes the uint8 image after ResizeShortestEdge and returns the class-independent
-    features of the 5 views; the head decodes them with text embeddings, merges the views and
-    resizes to the output size on the backend's device, returning probabilities only when asked.
-    """
-
-    feature_names: tuple[str, ...] = io_names.PAPER_FEATURES
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-
-    def encode(self, resized: np.ndarray) -> dict[str, np.ndarray]:
-        image = np.ascontiguousarray(resized.transpose(2, 0, 1))[None]  # [1, 3, h, w] uint8
-        features = self.backend.encoder.run({io_names.PAPER_IMAGE: image})  # type: ignore[attr-defined]
-        return {name: features[name] for name in io_names.PAPER_FEATURES}
-
-    def decode(
-        self, features: Mapping[str, np.ndarray], text_embeds: np.ndarray, out_size: tuple[int, int], probs: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        feeds = {**features, io_names.TEXT_EMBEDS: text_embeds, io_names.OUT_SIZE: np.asarray(out_size, dtype=np.int64)}
-        wanted = (io_names.CLASS_MAP, io_names.PROBS) if probs else (io_names.CLASS_MAP,)
-        out = self.backend.head.run(feeds, outputs=wanted)  # type: ignore[attr-defined]
-        class_map = host_class_map(out[io_names.CLASS_MAP], text_embeds.shape[0])  # [H, W]
-        return class_map, (np.asarray(out[io_names.PROBS], dtype=np.float32) if probs else None)
-
-
-def has_split(backend: Backend) -> bool:
-    """Whether an open ``backend`` has encoder and head runners (an ONNX folder exported before them has none)."""
-    if getattr(type(backend), "encoder", None) is None or getattr(type(backend), "head", None) is None:
-        return False
-    try:
-        backend.encoder  # type: ignore[attr-defined]  # noqa: B018 - raises when the graphs are missing
-        backend.head  # type: ignore[attr-defined]  # noqa: B018
-    except BackendError:
-        return False
-    return True
-
-
-def _paper_path(backend: Backend) -> PaperPath:
-    """The two-step paper protocol of an open ``backend``: its encoder and head, else the one-piece image graph."""
-    if has_split(backend):
-        return _SplitPath(backend)
-    warnings.warn(
-        f"the {backend.name} backend has no paper encoder/head (an ONNX folder or engines made before them); "
-        "re-querying an encoded image runs the whole image graph: re-export for the fast path",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return _OnePiecePath(backend)
 
 
 @dataclass(frozen=True, eq=False)
@@ -372,13 +270,23 @@ class Segmenter:
 
         Args:
             backend: from ``gsnet_deploy.backends.open_backend`` or a backend class.
-            pooling: class-transformer pooling the backend runs (None: read from the backend when it says).
+            pooling: class-transformer pooling the backend runs (None: what the backend says: the torch
+                model's config, or the manifest of the ONNX folder or engines; None there for older exports).
             template: prompt template for class names.
             text_cache_dir: folder for text embeddings on disk (None: in memory only).
             encoded_cache_bytes: byte budget of the encoded-image cache (0 disables it).
 
+        Raises:
+            BackendError: ``pooling`` contradicts the pooling the backend says it runs.
+
         """
-        self.pooling = pooling if pooling is not None else _backend_pooling(backend)
+        known = _backend_pooling(backend)
+        if pooling is not None and known is not None and pooling != known:
+            raise BackendError(
+                f"the {backend.name} backend runs pooling {known} (its model or manifest says so) but pooling {pooling} was "
+                f"asked; pass pooling={known} or leave it out"
+            )
+        self.pooling = known if pooling is None else pooling
         self.template = template
         self.text_cache = TextEmbeddingCache(text_cache_dir)
         self.encoded_cache: EncodedCache[EncodedImage] = EncodedCache(encoded_cache_bytes)
@@ -387,8 +295,16 @@ class Segmenter:
         self._feature_shapes: dict[str, tuple[int, ...]] | None = None
         self.backend = backend.__enter__()
         self.model_digest = self.backend.model_digest
-        self._path: PaperPath | None = _paper_path(self.backend)
-        self.encoder_split = isinstance(self._path, _SplitPath)  # False: encode() keeps the 5 views
+        path = paper_path(self.backend)  # the protocol runs as in `gsnet segment` (runtime.segment.predict_paper)
+        if not path.split:
+            warnings.warn(
+                f"the {self.backend.name} backend has no paper encoder/head (an ONNX folder or engines made before them); "
+                "re-querying an encoded image runs the whole image graph: re-export for the fast path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._path: PaperPath | None = path
+        self.encoder_split = path.split  # False: encode() keeps the 5 views
 
     @classmethod
     def from_checkpoint(
@@ -441,7 +357,8 @@ class Segmenter:
 
         Args:
             onnx_dir: the ONNX folder.
-            pooling: class-transformer pooling the graphs were exported with (None: from the folder's manifest).
+            pooling: class-transformer pooling the graphs were exported with (None: from the folder's manifest;
+                one that contradicts the manifest is refused, for folders that do not record it it is taken).
             template: prompt template for class names.
             text_cache_dir: folder for text embeddings on disk (None: in memory only).
             encoded_cache_bytes: byte budget of the encoded-image cache (0 disables it).
@@ -464,7 +381,8 @@ class Segmenter:
 
         Args:
             engine_dir: the engine folder.
-            pooling: class-transformer pooling the graphs were exported with (None: from the folder's manifest).
+            pooling: class-transformer pooling the graphs were exported with (None: from the folder's manifest;
+                one that contradicts the manifest is refused, for folders that do not record it it is taken).
             template: prompt template for class names.
             text_cache_dir: folder for text embeddings on disk (None: in memory only).
             encoded_cache_bytes: byte budget of the encoded-image cache (0 disables it).
@@ -581,8 +499,8 @@ class Segmenter:
             )
         if encoded.pooling != self.pooling:
             raise BackendError(
-                f"the encoded image was made with pooling {encoded.pooling} but this Segmenter uses pooling {self.pooling}; "
-                "encode the image with this Segmenter"
+                f"the encoded image was made with {_pooling_text(encoded.pooling)} but this Segmenter uses "
+                f"{_pooling_text(self.pooling)}; encode the image with this Segmenter"
             )
         h, w = encoded.image_size
         if encoded.image.shape[:2] != (h, w) or tuple(encoded.resized_size) != shortest_edge_size(h, w):
@@ -659,7 +577,7 @@ class Segmenter:
 
 
 def _backend_pooling(backend: Backend) -> int | None:
-    """The pooling a backend says it runs: the torch model's config, or the export's manifest."""
+    """The pooling a backend says it runs: the torch model's config, or its export's manifest (None: unknown)."""
     model = getattr(backend, "model", None)
     cfg = getattr(model, "cfg", None)
     if cfg is not None:
@@ -667,3 +585,8 @@ def _backend_pooling(backend: Backend) -> int | None:
     manifest = getattr(backend, "manifest", None)
     pooling = getattr(manifest, "pooling", None)
     return int(pooling[0] if isinstance(pooling, (tuple, list)) else pooling) if pooling is not None else None
+
+
+def _pooling_text(pooling: int | None) -> str:
+    """``pooling 2``, or what an unknown pooling is."""
+    return "an unknown pooling (an export older than its manifest's pooling field)" if pooling is None else f"pooling {pooling}"

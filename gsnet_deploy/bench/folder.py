@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from gsnet_deploy.runtime.backend import Backend
-from gsnet_deploy.runtime.segment import Mode, SegmentOptions, protocol_runners, segment_files
+from gsnet_deploy.runtime.paper_path import protocol_runners
+from gsnet_deploy.runtime.segment import Mode, SegmentOptions, segment_files
 from gsnet_deploy.runtime.vocab import TextEmbeddingCache, Vocabulary
 
 

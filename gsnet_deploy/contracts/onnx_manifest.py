@@ -2,8 +2,9 @@
 
 A folder holds ``text_encoder.onnx``, ``image_graph.onnx`` and ``manifest.json``. The manifest
 (model digest, prompt template, normalization, view and logit sizes, protocol, opset, tool
-versions, embedding width) is also stored in each graph's ``metadata_props``, together with the
-graph's role, so a graph copied out of its folder still says what it is.
+versions, embedding width, class-transformer pooling) is also stored in each graph's
+``metadata_props``, together with the graph's role, so a graph copied out of its folder still
+says what it is. Manifests written before the pooling field read as pooling None (unknown).
 
 This module is torch-free and onnx-free: the runtime imports it on hosts that only have numpy and
 ONNX Runtime or TensorRT. ``metadata_props`` are read by walking the top-level fields of the
@@ -53,6 +54,8 @@ class OnnxManifest:
         protocol: evaluation protocol the graphs are meant for ("paper-sliding-window").
         opset: ONNX opset of both graphs.
         tool_versions: versions of torch, onnx, onnxslim and gsnet-deploy used for the export.
+        pooling: class-transformer pooling the graphs compute (1: the paper's evaluation, 2: training);
+            None in folders exported before the manifest recorded it (unknown).
         schema: manifest schema version.
     """
 
@@ -66,11 +69,12 @@ class OnnxManifest:
     protocol: str
     opset: int
     tool_versions: Mapping[str, str] = field(default_factory=dict)
+    pooling: int | None = None
     schema: int = MANIFEST_SCHEMA
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict; ``model_digest`` is a top-level key (other tools read only that)."""
-        return {
+        """JSON-ready dict; ``model_digest`` is a top-level key (other tools read only that); no ``pooling`` when unknown."""
+        payload: dict[str, Any] = {
             "schema": self.schema,
             "model_digest": self.model_digest,
             "template": self.template,
@@ -83,13 +87,16 @@ class OnnxManifest:
             "opset": self.opset,
             "tool_versions": dict(sorted(self.tool_versions.items())),
         }
+        if self.pooling is not None:
+            payload["pooling"] = self.pooling
+        return payload
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Any]) -> OnnxManifest:
-        """Inverse of ``to_json``.
+        """Inverse of ``to_json``; a manifest without ``pooling`` (an older export) reads as pooling None.
 
         Raises:
-            ValueError: wrong schema, or a field is missing or has the wrong type.
+            ValueError: wrong schema, a field is missing or has the wrong type, or the pooling is not a positive integer.
         """
         if not isinstance(payload, Mapping):
             raise ValueError(f"a manifest is a JSON object, not {type(payload).__name__}")
@@ -100,6 +107,9 @@ class OnnxManifest:
             std = tuple(float(v) for v in payload["std"])
             if len(mean) != 3 or len(std) != 3:
                 raise ValueError(f"mean/std need 3 values each, got {len(mean)}/{len(std)}")
+            pooling = payload.get("pooling")
+            if pooling is not None and (isinstance(pooling, bool) or not isinstance(pooling, int) or pooling < 1):
+                raise ValueError(f"pooling must be a positive integer, got {pooling!r}")
             return cls(
                 model_digest=str(payload["model_digest"]),
                 template=str(payload["template"]),
@@ -111,6 +121,7 @@ class OnnxManifest:
                 protocol=str(payload["protocol"]),
                 opset=int(payload["opset"]),
                 tool_versions={str(k): str(v) for k, v in dict(payload["tool_versions"]).items()},
+                pooling=pooling,
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"manifest field missing or malformed: {err}") from err
@@ -305,7 +316,8 @@ def open_onnx_dir(path: str | Path) -> OnnxDir:
         )
     for name, graph_manifest in ((text_path.name, text), (image_path.name, image)):
         if graph_manifest != manifest:
-            diff = sorted(k for k, v in graph_manifest.to_json().items() if manifest.to_json().get(k) != v)
+            inside, beside = graph_manifest.to_json(), manifest.to_json()
+            diff = sorted(k for k in inside.keys() | beside.keys() if inside.get(k) != beside.get(k))
             raise ExportError(
                 f"{manifest_path} disagrees with the manifest inside {name} (fields {diff}); the folder mixes "
                 "exports, re-run `gsnet export onnx`."

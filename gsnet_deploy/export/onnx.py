@@ -111,8 +111,17 @@ def tool_versions() -> dict[str, str]:
 
 
 def make_manifest(model: GSNet, opset: int) -> OnnxManifest:
-    """The manifest of ``model``'s export (normalization read from the buffers the graph bakes in)."""
+    """The manifest of ``model``'s export (normalization read from the buffers the graph bakes in).
+
+    Raises:
+        ExportError: the class transformer pools differently along its two axes (the manifest records one pooling).
+    """
     cfg = model.cfg
+    pool_h, pool_w = cfg.aggregator.pooling
+    if pool_h != pool_w:
+        raise ExportError(
+            f"pooling {cfg.aggregator.pooling} differs along its axes; export a model with pooling (1, 1) or (2, 2)"
+        )
     mean = [float(v) for v in model.get_buffer("pixel_mean").flatten().tolist()]
     std = [float(v) for v in model.get_buffer("pixel_std").flatten().tolist()]
     return OnnxManifest(
@@ -126,6 +135,7 @@ def make_manifest(model: GSNet, opset: int) -> OnnxManifest:
         protocol=PAPER_PROTOCOL,
         opset=opset,
         tool_versions=tool_versions(),
+        pooling=int(pool_h),
     )
 
 

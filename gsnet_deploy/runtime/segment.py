@@ -36,21 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from gsnet_deploy.contracts.atomic import AtomicFiles
-from gsnet_deploy.contracts.io_names import (
-    CLASS_MAP,
-    IMAGES,
-    LOGITS,
-    OUT_SIZE,
-    PAPER_IMAGE,
-    PROBS,
-    TEXT_EMBEDS,
-    TEXT_TOKENS,
-)
+from gsnet_deploy.contracts.io_names import TEXT_EMBEDS, TEXT_TOKENS
 from gsnet_deploy.errors import GSNetError, ImageError, VocabularyError
 from gsnet_deploy.runtime import outputs
-from gsnet_deploy.runtime.backend import Backend, GraphRunner
+from gsnet_deploy.runtime.backend import Backend
 from gsnet_deploy.runtime.images import MAX_PIXELS, LoadedImage, decodes_whole, load_image
-from gsnet_deploy.runtime.protocol import host_class_map, merge_paper_logits, paper_views, resize_shortest_edge
+from gsnet_deploy.runtime.paper_path import OnePiecePath, PaperPath, paper_path
+from gsnet_deploy.runtime.protocol import resize_shortest_edge
 from gsnet_deploy.runtime.tiling import WINDOW
 from gsnet_deploy.runtime.tokenizer import BpeTokenizer
 from gsnet_deploy.runtime.vocab import DEFAULT_TEMPLATE, TextEmbeddingCache, Vocabulary
@@ -192,10 +184,9 @@ def encode_vocabulary(backend: Backend, vocab: Vocabulary, template: str, cache:
 
 
 def segment_paper(backend: Backend, rgb: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
-    """Per-class probabilities ``[N, H, W]`` of an RGB uint8 image under the paper's protocol."""
-    views = paper_views(rgb)
-    logits = backend.image.run({IMAGES: views.views, TEXT_EMBEDS: text_embeds})[LOGITS]  # [5, N, 96, 96]
-    return merge_paper_logits(logits, views.height, views.width)
+    """Per-class probabilities ``[N, H, W]`` of an RGB uint8 image under the paper's numpy protocol (the reference)."""
+    path = OnePiecePath(backend)
+    return path.probs(path.encode(resize_shortest_edge(rgb)), text_embeds, (rgb.shape[0], rgb.shape[1]))
 
 
 PAPER_FALLBACK_NOTE = (
@@ -204,57 +195,28 @@ PAPER_FALLBACK_NOTE = (
 )
 
 
-def protocol_runners(backend: Backend) -> tuple[GraphRunner, GraphRunner] | None:
-    """The backend's paper-protocol runners ``(encoder, head)``, or None when it has none.
-
-    A backend offers the device protocol through ``encoder`` and ``head`` runners; one without
-    them (an older ONNX folder, a stand-in) is run with the numpy protocol around its image graph.
-    """
-    try:
-        encoder = getattr(backend, "encoder", None)
-        head = getattr(backend, "head", None)
-    except (GSNetError, FileNotFoundError):  # a backend may raise when its folder lacks the graphs
-        return None
-    if encoder is None or head is None:
-        return None
-    return encoder, head
-
-
 def predict_paper(
-    backend: Backend, rgb: np.ndarray, text_embeds: np.ndarray, want_probs: bool
+    backend: Backend, rgb: np.ndarray, text_embeds: np.ndarray, want_probs: bool, *, path: PaperPath | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The paper protocol on one image: class map ``[H, W]`` and, when asked, probabilities ``[N, H, W]``.
 
-    The one seam between the orchestrator and the protocol's implementation. With a backend that
-    offers the device protocol (``protocol_runners``; its ``segment_paper`` when it has one, which
-    keeps the features on the device), only detectron2's ``ResizeShortestEdge`` (one
-    PIL resize) runs on the host: views, merge, resize and argmax run in the backend's graphs and
-    probabilities cross to the host only when ``want_probs``. Otherwise the numpy protocol runs
-    around the image graph (the reference). It writes nothing.
+    The one seam between the orchestrator and the protocol's implementation (``runtime.paper_path``,
+    shared with the ``Segmenter``): detectron2's ``ResizeShortestEdge`` (one PIL resize) on the host,
+    then the backend's paper path. With encoder and head runners, views, merge, resize and argmax
+    run in the backend's graphs (its ``segment_paper`` when it has one, which keeps the features on
+    the device) and probabilities cross to the host only when ``want_probs``; otherwise the numpy
+    protocol runs around the image graph (the reference). It writes nothing.
+
+    Args:
+        backend: an entered backend.
+        rgb: the image, RGB uint8 ``[H, W, 3]``.
+        text_embeds: float32 ``[N, 512]``.
+        want_probs: also return the probabilities.
+        path: ``paper_path(backend)``, chosen once by a caller running many images (default: chosen here).
+
     """
-    height, width = rgb.shape[:2]
-    num_classes = text_embeds.shape[0]
-    runners = protocol_runners(backend)
-    if runners is None:
-        probs = segment_paper(backend, rgb, text_embeds)  # [N, H, W]
-        class_map = host_class_map(np.argmax(probs, axis=0), num_classes)  # [H, W]
-        return class_map, (probs if want_probs else None)
-    encoder, head = runners
-    resized = resize_shortest_edge(rgb)  # [h, w, 3] uint8
-    image = np.ascontiguousarray(resized.transpose(2, 0, 1)[None])  # [1, 3, h, w] uint8
-    combined = getattr(backend, "segment_paper", None)
-    if callable(combined):  # the backend keeps the features on its device (torch)
-        out = combined(image, text_embeds, (height, width), with_probs=want_probs)
-    else:
-        features = encoder.run({PAPER_IMAGE: image})
-        feeds = {**features, TEXT_EMBEDS: text_embeds, OUT_SIZE: np.array([height, width], dtype=np.int64)}
-        wanted = (CLASS_MAP, PROBS) if want_probs else (CLASS_MAP,)
-        out = head.run(feeds, outputs=wanted)
-    class_map = host_class_map(out[CLASS_MAP], num_classes)  # [H, W]
-    if class_map.shape != (height, width):
-        raise GSNetError(f"the {backend.name} paper head returned a {class_map.shape} class map for a {width}x{height} image")
-    device_probs = out[PROBS].astype(np.float32, copy=False) if want_probs else None  # [N, H, W]
-    return class_map, device_probs
+    path = paper_path(backend) if path is None else path
+    return path.segment(resize_shortest_edge(rgb), text_embeds, (rgb.shape[0], rgb.shape[1]), want_probs)
 
 
 def is_raster(path: Path) -> bool:
@@ -489,8 +451,9 @@ def segment_files(
     if warning:
         log(f"warning: {warning}")
     text_embeds = encode_vocabulary(backend, vocab, options.template, cache)
-    fallback_said = protocol_runners(backend) is not None
-    for path, run in _pipelined(paths, backend, text_embeds, options):
+    protocol = paper_path(backend)  # chosen once for the run
+    fallback_said = protocol.split
+    for path, run in _pipelined(paths, backend, protocol, text_embeds, options):
         start = time.perf_counter()
         try:
             result = run(class_names, palette, log)
@@ -537,7 +500,7 @@ def _stage(path: Path, options: SegmentOptions) -> _Staged:
 
 
 def _pipelined(
-    paths: Sequence[Path], backend: Backend, text_embeds: np.ndarray, options: SegmentOptions
+    paths: Sequence[Path], backend: Backend, protocol: PaperPath, text_embeds: np.ndarray, options: SegmentOptions
 ) -> Iterator[tuple[Path, _Run]]:
     """Yield each input with a function that finishes it (writes its outputs), in input order.
 
@@ -550,7 +513,7 @@ def _pipelined(
     def submit(staged: _Staged) -> None:
         if staged.loaded is not None:
             rgb = np.ascontiguousarray(staged.loaded.rgb)
-            staged.device = worker.submit(predict_paper, backend, rgb, text_embeds, options.save_probs)
+            staged.device = worker.submit(predict_paper, backend, rgb, text_embeds, options.save_probs, path=protocol)
 
     def finisher(staged: _Staged) -> _Run:
         def run(class_names: list[str], palette: np.ndarray, log: Callable[[str], None]) -> InputResult:

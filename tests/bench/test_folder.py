@@ -47,7 +47,8 @@ class Backend:
 def test_folder_times_graphs_excludes_text_and_reports_what_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches: the text encoder counted per image, graph time not summed over runners, the wrong protocol label."""
     from gsnet_deploy.bench import folder
-    from gsnet_deploy.runtime.segment import SegmentReport, protocol_runners
+    from gsnet_deploy.runtime.paper_path import protocol_runners
+    from gsnet_deploy.runtime.segment import SegmentReport
 
     host_s = 0.02
 
