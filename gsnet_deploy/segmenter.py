@@ -35,7 +35,6 @@ import numpy as np
 from PIL import Image
 
 from gsnet_deploy.backends import BackendKind, BackendOptions, open_backend
-from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.model_size import ModelSize
 from gsnet_deploy.encoded_cache import DEFAULT_MAX_BYTES, EncodedCache, content_key
 from gsnet_deploy.errors import BackendError, GSNetError, ImageError
@@ -43,6 +42,7 @@ from gsnet_deploy.runtime.backend import Backend
 from gsnet_deploy.runtime.images import _to_rgb_array, load_image
 from gsnet_deploy.runtime.paper_path import PaperPath, paper_path
 from gsnet_deploy.runtime.protocol import resize_shortest_edge, shortest_edge_size
+from gsnet_deploy.runtime.segment import encode_vocabulary
 from gsnet_deploy.runtime.tokenizer import BpeTokenizer
 from gsnet_deploy.runtime.vocab import DEFAULT_TEMPLATE, TextEmbeddingCache, Vocabulary, parse_classes
 
@@ -441,14 +441,13 @@ class Segmenter:
         cached = self._text_embeds.get(prompts)
         if cached is not None:
             return cached
-        path = self._paper()  # noqa: F841 - raises when closed
-
-        def compute(texts: list[str]) -> np.ndarray:
-            if self._tokenizer is None:
-                self._tokenizer = BpeTokenizer()
-            return self.backend.text.run({io_names.TEXT_TOKENS: self._tokenizer(texts)})[io_names.TEXT_EMBEDS]
-
-        embeds = self.text_cache.get_or_compute(vocab, self.template, self.model_digest, compute)
+        self._paper()  # raises when closed
+        if self._tokenizer is None:
+            self._tokenizer = BpeTokenizer()
+        # NOTE: no class limit here: beyond 255 classes the class map is int32
+        embeds = encode_vocabulary(
+            self.backend, vocab, self.template, self.text_cache, max_classes=None, tokenizer=self._tokenizer
+        )
         self._text_embeds[prompts] = embeds
         return embeds
 

@@ -413,3 +413,14 @@ def test_readme_python_example_runs(tiny_onnx_dir: Path, tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "out" / "scene_mask.png").is_file() and (tmp_path / "out" / "scene_overlay.png").is_file()
+
+
+def test_segmenter_validates_vocabularies_like_the_cli(seg) -> None:
+    """Catches: the Python API embedding a prompt CLIP truncates (over 77 tokens) instead of refusing it,
+    or applying the CLI's uint8 limit to the API, whose class maps become int32 beyond 255 classes."""
+    from gsnet_deploy.errors import VocabularyError
+
+    with pytest.raises(VocabularyError, match="77"):
+        seg.encode_classes(["building", " ".join(["very"] * 80) + " long name"])
+    many = seg.encode_classes([f"class {i}" for i in range(300)])
+    assert many.shape[0] == 300

@@ -152,18 +152,29 @@ def validate_run(paths: Sequence[Path], vocab: Vocabulary, options: SegmentOptio
         seen[key] = path
 
 
-def validate_vocabulary(vocab: Vocabulary, template: str = DEFAULT_TEMPLATE) -> None:
+def validate_vocabulary(
+    vocab: Vocabulary,
+    template: str = DEFAULT_TEMPLATE,
+    *,
+    max_classes: int | None = outputs.MAX_CLASSES,
+    tokenizer: BpeTokenizer | None = None,
+) -> None:
     """Refuse vocabularies the class maps or CLIP's 77-token context cannot hold.
 
+    Args:
+        vocab: the classes.
+        template: prompt template.
+        max_classes: most classes the outputs can hold (the CLI's uint8 masks: 255); None: no limit
+            (the Python API returns int32 class maps beyond 255 classes).
+        tokenizer: a loaded tokenizer to reuse (None: load one).
+
     Raises:
-        VocabularyError: more than ``outputs.MAX_CLASSES`` classes, or a prompt over 77 tokens.
+        VocabularyError: more than ``max_classes`` classes, or a prompt over 77 tokens.
 
     """
-    if len(vocab) > outputs.MAX_CLASSES:
-        raise VocabularyError(
-            f"{len(vocab)} classes do not fit the uint8 class map (at most {outputs.MAX_CLASSES}); use fewer classes"
-        )
-    tokenizer = BpeTokenizer()
+    if max_classes is not None and len(vocab) > max_classes:
+        raise VocabularyError(f"{len(vocab)} classes do not fit the uint8 class map (at most {max_classes}); use fewer classes")
+    tokenizer = BpeTokenizer() if tokenizer is None else tokenizer
     for name, prompt in zip(vocab.names, vocab.prompts(template), strict=True):
         count = len(tokenizer.encode(prompt)) + 2  # start and end tokens
         if count > tokenizer.context_length:
@@ -172,10 +183,22 @@ def validate_vocabulary(vocab: Vocabulary, template: str = DEFAULT_TEMPLATE) -> 
             )
 
 
-def encode_vocabulary(backend: Backend, vocab: Vocabulary, template: str, cache: TextEmbeddingCache) -> np.ndarray:
-    """Text embeddings ``[N, 512]`` of ``vocab``: from the cache, or the backend's text graph."""
-    validate_vocabulary(vocab, template)
-    tokenizer = BpeTokenizer()
+def encode_vocabulary(
+    backend: Backend,
+    vocab: Vocabulary,
+    template: str,
+    cache: TextEmbeddingCache,
+    *,
+    max_classes: int | None = outputs.MAX_CLASSES,
+    tokenizer: BpeTokenizer | None = None,
+) -> np.ndarray:
+    """Text embeddings ``[N, 512]`` of ``vocab``: from the cache, or the backend's text graph.
+
+    The one way a vocabulary becomes embeddings (CLI, evaluation and ``Segmenter``); the vocabulary
+    is validated first (``validate_vocabulary`` with ``max_classes``).
+    """
+    tokenizer = BpeTokenizer() if tokenizer is None else tokenizer
+    validate_vocabulary(vocab, template, max_classes=max_classes, tokenizer=tokenizer)
 
     def compute(prompts: list[str]) -> np.ndarray:
         return backend.text.run({TEXT_TOKENS: tokenizer(prompts)})[TEXT_EMBEDS]
