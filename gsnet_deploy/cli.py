@@ -59,7 +59,10 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device (cpu, cuda, cuda:1); default: cuda when available")
     g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False, help="torch backend on CUDA in fp16")
     g.add_argument(
-        "--pooling", type=int, choices=[1, 2], default=1, help="class transformer pooling: 1 (paper eval) or 2 (training)"
+        "--pooling",
+        type=int,
+        choices=[1, 2],
+        help="class transformer pooling: 1 (paper eval, the torch default) or 2 (training); ONNX/TensorRT run their export's",
     )
     g.add_argument("--model-size", choices=[m.value for m in ModelSize], default="paper", help=argparse.SUPPRESS)
 

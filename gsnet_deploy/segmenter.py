@@ -34,7 +34,7 @@ from types import TracebackType
 import numpy as np
 from PIL import Image
 
-from gsnet_deploy.backends import BackendKind, BackendOptions, open_backend
+from gsnet_deploy.backends import BackendKind, BackendOptions, backend_pooling, open_backend, require_pooling
 from gsnet_deploy.contracts.model_size import ModelSize
 from gsnet_deploy.encoded_cache import DEFAULT_MAX_BYTES, EncodedCache, content_key
 from gsnet_deploy.errors import BackendError, GSNetError, ImageError
@@ -280,12 +280,7 @@ class Segmenter:
             BackendError: ``pooling`` contradicts the pooling the backend says it runs.
 
         """
-        known = _backend_pooling(backend)
-        if pooling is not None and known is not None and pooling != known:
-            raise BackendError(
-                f"the {backend.name} backend runs pooling {known} (its model or manifest says so) but pooling {pooling} was "
-                f"asked; pass pooling={known} or leave it out"
-            )
+        known = backend_pooling(require_pooling(backend, pooling))
         self.pooling = known if pooling is None else pooling
         self.template = template
         self.text_cache = TextEmbeddingCache(text_cache_dir)
@@ -573,17 +568,6 @@ class Segmenter:
         vocabs = [as_vocabulary(v) for v in vocabularies]  # every vocabulary is checked before the image is encoded
         encoded = image if isinstance(image, EncodedImage) else self.encode(image)
         return [self.segment(encoded, vocab, probs=probs) for vocab in vocabs]
-
-
-def _backend_pooling(backend: Backend) -> int | None:
-    """The pooling a backend says it runs: the torch model's config, or its export's manifest (None: unknown)."""
-    model = getattr(backend, "model", None)
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None:
-        return int(cfg.aggregator.pooling[0])
-    manifest = getattr(backend, "manifest", None)
-    pooling = getattr(manifest, "pooling", None)
-    return int(pooling[0] if isinstance(pooling, (tuple, list)) else pooling) if pooling is not None else None
 
 
 def _pooling_text(pooling: int | None) -> str:

@@ -147,3 +147,16 @@ def test_eval_and_compare_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     code, stdout, stderr = _run([*base, "--compare", "torch", f"onnxruntime:{tiny_onnx_dir}"], capsys)
     assert code == 0, stderr
     assert "agree" in stdout.lower()
+
+
+def test_segment_refuses_a_pooling_the_export_does_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_onnx_dir: Path
+) -> None:
+    """Catches: ``--pooling 2`` silently ignored with ``--onnx`` (the export fixes its pooling, here 1)."""
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(image)
+    base = ["segment", str(image), "--onnx", str(tiny_onnx_dir), "--classes", "building,road", "--out", str(tmp_path / "out")]
+    code, _, stderr = _run([*base, "--pooling", "2"], capsys)
+    assert code != 0
+    assert "pooling 1" in stderr and "pooling 2" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "scene_mask.png").exists()

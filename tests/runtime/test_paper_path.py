@@ -303,7 +303,7 @@ def test_onnx_folder_pooling_conflicts_and_unknown(tiny_onnx_dir: Path, relabell
     taken as a match for a known one."""
     from gsnet_deploy import Segmenter
 
-    with pytest.raises(GSNetError, match=r"runs pooling 2 .* but pooling 1 was asked; pass pooling=2") as info:
+    with pytest.raises(GSNetError, match=r"runs pooling 2 .* but pooling 1 was asked; pass pooling 2") as info:
         Segmenter.from_onnx(relabelled["two"], pooling=1)
     assert "\n" not in str(info.value)
     rgb = _rgb(40, 40, seed=2)
