@@ -9,7 +9,7 @@
 #   summary.txt       card, one line per step (PASS / FAIL rc / TIMEOUT / SKIP why, seconds), targets
 #   device_check.log  every step's output
 #   all.tar.gz        every step's output folder (refreshed after each step, so a kill keeps it)
-#   profile_gpu.{json,md}, gpu_torch_paths.json, device_protocol_<gpu>_<date>.{json,md} (when those steps ran)
+#   profile_gpu.{json,md}, gpu_torch_paths.json, device_protocol_[trt_]<gpu>_<date>.{json,md} (when those steps ran)
 #
 # Environment:
 #   DRY_RUN=1            print the steps and their commands, run nothing
@@ -18,6 +18,7 @@
 #   DEVICE_CHECK_BUDGET  wall-clock seconds for all steps (default 540)
 #   DEVICE_CHECK_MIN_STEP  fewest seconds worth starting a step with (default 20)
 #   OUT                  output folder (set by the device tool; default /tmp/gsnet-device-check)
+#   TRT_MODEL_SIZE       model the trt_protocol step exports and builds (default paper; tiny for a quick run)
 # Installs nothing but the small pure-Python wheels carried in .whl/ (open_clip_torch, ftfy, wcwidth:
 # see benchmarks/README.md), into /tmp/site. Never changes the GPU's settings.
 set -u
@@ -121,6 +122,14 @@ if [[ -f benchmarks/device_protocol_gpu.py ]]; then
     step protocol 180 '"$PYTHON" benchmarks/device_protocol_gpu.py --classes 6 40 --iters 30 --folder 20 --out "$STEP_OUT" && cp "$STEP_OUT"/device_protocol_*.json "$STEP_OUT"/device_protocol_*.md "$OUT"/'
 else
     skip protocol "benchmarks/device_protocol_gpu.py does not exist"
+fi
+
+# the same on TensorRT engines (text, image, paper encoder + head; exported and built in the step), when
+# TensorRT is installed: TRT_MODEL_SIZE=tiny for a quick first run (the paper-size build takes minutes)
+if [[ $DRY_RUN == 1 ]] || { wanted trt_protocol && timeout 60 "$PYTHON" -c "import tensorrt; tensorrt.Builder" >/dev/null 2>&1; }; then
+    step trt_protocol 420 '"$PYTHON" benchmarks/device_protocol_gpu.py --backend tensorrt --model-size "${TRT_MODEL_SIZE:-paper}" --classes 5 40 --iters 30 --folder 20 --out "$STEP_OUT" && cp "$STEP_OUT"/device_protocol_trt_*.json "$STEP_OUT"/device_protocol_trt_*.md "$OUT"/'
+else
+    skip trt_protocol "TensorRT is not installed here"
 fi
 
 # the fused cost-volume kernel against the plain ops and torch.compile (issue 17 item 3)

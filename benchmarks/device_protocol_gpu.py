@@ -10,10 +10,19 @@ graphs (demo weights unless --checkpoint; timings are real, masks are not):
 - folder: ``segment_files`` on a folder of --folder images (decode, graphs, mask + overlay written,
   pipelined) through ``bench.folder``; goal: images/s within 10% of 1 / graph at N=40.
 
-Writes ``device_protocol_<gpu>_<date>.json`` and ``.md`` atomically into --out. Exit status 0 even
-when a goal is missed (the report says so); 2 when no CUDA device is present (unless --dry-run).
+With ``--backend tensorrt`` (TensorRT and cuda-python installed) the same rows for the TensorRT
+engines: the ONNX graphs are exported (or taken from --onnx), ``gsnet export build`` builds FP16
+engines including ``paper_encoder`` / ``paper_head`` (or --engines names built ones; build seconds
+are reported), then graph = the image engine on 5 host views (host wall clock, copies included),
+device = ``TensorRTBackend.segment_paper`` (encoder + head, features kept on the GPU, class map
+copied back), per image = ``predict_paper``, folder as above.
+
+Writes ``device_protocol_<gpu>_<date>.json`` and ``.md`` atomically into --out (``device_protocol_trt_...``
+for TensorRT). Exit status 0 even when a goal is missed (the report says so); 2 when no CUDA device
+(or, for --backend tensorrt, no TensorRT) is present (unless --dry-run).
 
 Usage: python benchmarks/device_protocol_gpu.py --out benchmarks/results [--model-size paper] [--iters 50]
+       python benchmarks/device_protocol_gpu.py --backend tensorrt --out DIR [--engines DIR | --onnx DIR]
        python benchmarks/device_protocol_gpu.py --dry-run   (CPU, tiny model, fp32: checks the script runs)
 """
 
@@ -91,6 +100,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__, "results": results}  # fmt: skip
 
 
+def _tensorrt_engines(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, float]]:
+    """Engines to time: --engines, or built here (FP16) from --onnx or a fresh export; with the seconds each step took."""
+    if args.engines is not None:
+        return args.engines, {}
+    from gsnet_deploy.contracts.precision import Precision
+    from gsnet_deploy.export.build import build_engines
+
+    seconds: dict[str, float] = {}
+    onnx_dir = args.onnx
+    if onnx_dir is None:
+        from gsnet_deploy.export.onnx import export_onnx
+        from gsnet_deploy.model import build_gsnet, cfg_for
+
+        start = time.perf_counter()
+        onnx_dir = work / "onnx"
+        export_onnx(build_gsnet(cfg_for(ModelSize(args.model_size)), checkpoint=args.checkpoint), onnx_dir)
+        seconds["onnx_export_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out = work / "engines"
+    top = max(args.classes)
+    build_engines(onnx_dir, out, Precision.FP16, classes_opt=min(top, 256), text_tokens=_tokens(top))
+    seconds["engine_build_s"] = time.perf_counter() - start
+    return out, seconds
+
+
+def run_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
+    """The TensorRT rows: image engine alone, encoder + head on the GPU, predict_paper, a folder."""
+    from gsnet_deploy.contracts.engine_manifest import Graph
+    from gsnet_deploy.contracts.io_names import IMAGES
+    from gsnet_deploy.runtime.protocol import resize_shortest_edge
+    from gsnet_deploy.runtime.tensorrt_backend import TensorRTBackend, current_gpu
+
+    iters, warmup = args.iters, 5
+    rgb = np.random.default_rng(0).integers(0, 256, size=(*IMAGE_HW, 3), dtype=np.uint8)  # [512, 768, 3]
+    image = np.ascontiguousarray(resize_shortest_edge(rgb).transpose(2, 0, 1)[None])  # [1, 3, h, w] uint8
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gsnet-gpu-trt-") as tmp:
+        engines, seconds = _tensorrt_engines(args, Path(tmp))
+        (Path(tmp) / "folder").mkdir()
+        images = make_folder(Path(tmp) / "folder", args.folder, *IMAGE_HW)
+        with TensorRTBackend(engines) as backend:
+            paper = Graph.PAPER_HEAD in backend.manifests  # engines built before the paper graphs: numpy fallback
+            for n in args.classes:
+                text = backend.text.run({TEXT_TOKENS: _tokens(n)})[TEXT_EMBEDS]  # [N, 512]
+                views = paper_views(rgb).views  # [5, 3, 384, 384]
+                graph = time_host(lambda t=text: backend.image.run({IMAGES: views, TEXT_EMBEDS: t}), iters, warmup)
+                device = time_host(lambda t=text: backend.segment_paper(image, t, IMAGE_HW), iters, warmup) if paper else []
+                per_image = time_host(lambda t=text: predict_paper(backend, rgb, t, want_probs=False), iters, warmup)
+                vocab = parse_classes(",".join(f"{CLASS_NAMES[i % len(CLASS_NAMES)]} {i}" for i in range(n)))
+                measure_folder(backend, vocab, images[:2], device_protocol=True)  # warm-up
+                folder = measure_folder(backend, vocab, images, device_protocol=True)
+                g, p = statistics.median(graph), statistics.median(per_image)
+                results[f"N={n}"] = {
+                    "graph": {**timing_stats(graph), "timer": "host wall clock, image engine on 5 host views (copies included)"},
+                    "device": {**timing_stats(device), "timer": "host wall clock, segment_paper"} if device else None,
+                    "per_image": {**timing_stats(per_image), "timer": "host wall clock, predict_paper"},
+                    "folder": {**folder, "images_per_s": 1e3 / folder["per_image_ms"], "graph_images_per_s": 1e3 / g},
+                    "per_image_goal_met": p <= g + GRAPH_SLACK_MS,
+                    "folder_goal_met": folder["per_image_ms"] <= g / (1 - FOLDER_TOLERANCE),
+                }
+                print(f"TensorRT N={n}: graph {g:.2f} ms, per image {p:.2f} ms", file=sys.stderr)
+            precision = backend.manifests[next(iter(backend.manifests))].precision.value
+    import tensorrt
+
+    return {"card": current_gpu()[0], "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+            "model": args.model_size, "weights": str(args.checkpoint or "demo weights"), "backend": "tensorrt",
+            "precision": f"TensorRT {tensorrt.__version__}, {precision} engines", "image": f"{IMAGE_HW[1]}x{IMAGE_HW[0]}",
+            "torch": torch.__version__, **seconds, "results": results}  # fmt: skip
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """The payload as a short markdown report."""
     lines = [f"# Paper protocol on the device: {payload['card']}", "",
@@ -104,6 +183,13 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"{'met' if r['per_image_goal_met'] else 'missed'} | {r['folder']['per_image_ms']:.2f} | "
                      f"{r['folder']['images_per_s']:.1f} | {r['folder']['graph_images_per_s']:.1f} | "
                      f"{'met' if r['folder_goal_met'] else 'missed'} |")  # fmt: skip
+    devices = {k: r["device"] for k, r in payload["results"].items() if r.get("device")}
+    if devices:
+        lines += ["", "Paper encoder + head engines (`segment_paper`, features kept on the GPU): "
+                  + ", ".join(f"{k} {d['median_ms']:.2f} ms" for k, d in devices.items()) + "."]  # fmt: skip
+    builds = [f"{k} {payload[k]:.0f} s" for k in ("onnx_export_s", "engine_build_s") if k in payload]
+    if builds:
+        lines += ["", "Setup: " + ", ".join(builds) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -116,15 +202,25 @@ def main() -> int:
     parser.add_argument("--model-size", choices=[m.value for m in ModelSize], default="paper")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check that the script runs")
+    parser.add_argument("--backend", choices=["torch", "tensorrt"], default="torch")
+    parser.add_argument("--engines", type=Path, help="tensorrt: engines built by `gsnet export build` (default: build here)")
+    parser.add_argument("--onnx", type=Path, help="tensorrt: ONNX folder to build from (default: export here)")
     args = parser.parse_args()
-    if not args.dry_run and not torch.cuda.is_available():
+    if args.backend == "tensorrt":
+        from gsnet_deploy.export.trt import installed_tensorrt_version
+
+        if installed_tensorrt_version() is None:
+            print("TensorRT is not installed here: nothing to time for --backend tensorrt", file=sys.stderr)
+            return 2
+    elif not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU host, or pass --dry-run", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    payload = run(args)
+    payload = run_tensorrt(args) if args.backend == "tensorrt" else run(args)
     payload["seconds"] = time.perf_counter() - start
     card = payload["card"].lower().replace(" ", "-").replace("(", "").replace(")", "")
-    stem = args.out / f"device_protocol_{card}_{payload['date']}"
+    kind = "trt_" if args.backend == "tensorrt" else ""
+    stem = args.out / f"device_protocol_{kind}{card}_{payload['date']}"
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stem.with_suffix(".json"), payload)
     write_text_atomic(stem.with_suffix(".md"), markdown(payload))

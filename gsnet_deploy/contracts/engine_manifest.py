@@ -31,10 +31,16 @@ AMPERE_PLUS_MIN_CC = (8, 0)
 
 
 class Graph(enum.Enum):
-    """The two engines of a build; the value is the file stem shared by ONNX and engine files."""
+    """The engines of a build; the value is the file stem shared by ONNX and engine files.
+
+    ``TEXT`` and ``IMAGE`` are always built; ``PAPER_ENCODER`` and ``PAPER_HEAD`` (the paper protocol
+    on the device) only from ONNX folders that hold their graphs (``PAPER_GRAPHS``).
+    """
 
     TEXT = io_names.TEXT_GRAPH_FILE.removesuffix(".onnx")  # "text_encoder"
     IMAGE = io_names.IMAGE_GRAPH_FILE.removesuffix(".onnx")  # "image_graph"
+    PAPER_ENCODER = io_names.PAPER_ENCODER_FILE.removesuffix(".onnx")  # "paper_encoder"
+    PAPER_HEAD = io_names.PAPER_HEAD_FILE.removesuffix(".onnx")  # "paper_head"
 
     @property
     def onnx_file(self) -> str:
@@ -45,6 +51,10 @@ class Graph(enum.Enum):
     def engine_file(self) -> str:
         """File name of this graph's engine."""
         return f"{self.value}.engine"
+
+
+CORE_GRAPHS: tuple[Graph, ...] = (Graph.TEXT, Graph.IMAGE)  # every build has these
+PAPER_GRAPHS: tuple[Graph, ...] = (Graph.PAPER_ENCODER, Graph.PAPER_HEAD)  # built when the ONNX folder has them
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -86,18 +96,45 @@ class ShapeRange:
 
 @dataclass(frozen=True)
 class Profile:
-    """One TensorRT optimization profile: a shape range per network input."""
+    """One TensorRT optimization profile: a shape range per network input.
+
+    Attributes:
+        shapes: input name -> range of its shape.
+        values: shape-tensor input name -> range of its *values* (``IOptimizationProfile.set_shape_input``;
+            the paper head's ``out_size``, whose values are the output's H and W); empty for other graphs.
+    """
 
     shapes: Mapping[str, ShapeRange]
+    values: Mapping[str, ShapeRange] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, dict[str, list[int]]]:
-        """JSON-ready dict ``{input: {"min": [...], "opt": [...], "max": [...]}}``."""
-        return {name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for name, r in self.shapes.items()}
+    def __post_init__(self) -> None:
+        for name, value_range in self.values.items():
+            shape = self.shapes.get(name)
+            if shape is None or not shape.is_static or len(shape.min) != 1 or shape.min[0] != len(value_range.min):
+                raise EngineBuildError(
+                    f"Shape input {name!r} needs a static 1-D shape of {len(value_range.min)} values; fix the profile."
+                )
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        """JSON-ready dict ``{input: {"min": [...], "opt": [...], "max": [...]}}`` (+ ``"values"`` for shape inputs)."""
+        payload: dict[str, dict[str, Any]] = {
+            name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for name, r in self.shapes.items()
+        }
+        for name, r in self.values.items():
+            payload[name]["values"] = {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)}
+        return payload
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Mapping[str, list[int]]]) -> Profile:
-        """Inverse of ``to_json``."""
-        return cls(shapes={name: ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for name, r in payload.items()})
+    def from_json(cls, payload: Mapping[str, Mapping[str, Any]]) -> Profile:
+        """Inverse of ``to_json`` (profiles written before shape inputs existed have no ``"values"``)."""
+
+        def shape_range(r: Mapping[str, Any]) -> ShapeRange:
+            return ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
+
+        return cls(
+            shapes={name: shape_range(r) for name, r in payload.items()},
+            values={name: shape_range(r["values"]) for name, r in payload.items() if "values" in r},
+        )
 
 
 @dataclass(frozen=True)
@@ -143,6 +180,10 @@ class EngineManifest:
         hardware_compatible: built with HardwareCompatibilityLevel.AMPERE_PLUS.
         version_compatible: built with BuilderFlag.VERSION_COMPATIBLE.
         notes: anything else the user should know (calibration data, reused files).
+        pooling: class-transformer pooling the ONNX graphs were exported with (from the ONNX folder's
+            manifest; None: unknown, e.g. a folder exported before it was recorded).
+        output_shapes: static output shapes by name (the paper encoder's features, which the paper
+            head's profile must take); empty where not recorded.
 
     """
 
@@ -161,6 +202,8 @@ class EngineManifest:
     hardware_compatible: bool = False
     version_compatible: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    pooling: int | None = None
+    output_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (schema ``MANIFEST_SCHEMA``)."""
@@ -185,6 +228,8 @@ class EngineManifest:
             "hardware_compatible": self.hardware_compatible,
             "version_compatible": self.version_compatible,
             "notes": list(self.notes),
+            "pooling": self.pooling,
+            "output_shapes": {name: list(shape) for name, shape in self.output_shapes.items()},
         }
 
     @classmethod
@@ -215,6 +260,8 @@ class EngineManifest:
             hardware_compatible=bool(payload.get("hardware_compatible", False)),
             version_compatible=bool(payload.get("version_compatible", False)),
             notes=tuple(str(n) for n in payload.get("notes", ())),
+            pooling=None if payload.get("pooling") is None else int(payload["pooling"]),
+            output_shapes={str(k): tuple(int(d) for d in v) for k, v in dict(payload.get("output_shapes", {})).items()},
         )
 
 
@@ -332,14 +379,60 @@ def check_engine_compatible(manifest: EngineManifest, host: HostInfo) -> None:
 
 
 def check_same_model(text: EngineManifest, image: EngineManifest) -> None:
-    """Refuse a text engine and an image engine built from different weights.
+    """Refuse two engines (the text engine and another) built from different weights.
 
     Raises:
         EngineBuildError: the model digests differ.
 
     """
     if text.model_digest != image.model_digest:
+        other = "image engine" if image.graph is Graph.IMAGE else image.engine_file
         raise EngineBuildError(
-            f"Text engine model digest {text.model_digest!r} differs from image engine digest "
-            f"{image.model_digest!r}; rebuild both engines from one ONNX folder."
+            f"Text engine model digest {text.model_digest!r} differs from {other} digest "
+            f"{image.model_digest!r}; rebuild the engines from one ONNX folder."
         )
+
+
+def check_same_pooling(manifests: Mapping[Graph, EngineManifest]) -> int | None:
+    """The pooling all ``manifests`` were exported with (None: unknown in all of them).
+
+    Raises:
+        EngineBuildError: two engines record different poolings.
+
+    """
+    known = {graph: m.pooling for graph, m in manifests.items() if m.pooling is not None}
+    if len(set(known.values())) > 1:
+        shown = ", ".join(f"{g.engine_file} {p}" for g, p in known.items())
+        raise EngineBuildError(f"The engines were exported with different poolings ({shown}); rebuild them from one ONNX folder.")
+    return next(iter(known.values()), None)
+
+
+def check_head_takes_encoder(encoder: EngineManifest, head: EngineManifest) -> None:
+    """Refuse a paper head engine whose profile cannot take the paper encoder engine's features.
+
+    Every feature the encoder outputs (its recorded ``output_shapes``) must be an input of the head's
+    profile with a shape inside the profile's range, so the encoder's device buffers can be bound as
+    the head's inputs as they are.
+
+    Raises:
+        EngineBuildError: the encoder recorded no feature shapes, or a feature does not fit the head.
+
+    """
+    if not encoder.output_shapes:
+        raise EngineBuildError(
+            f"{encoder.engine_file}'s manifest records no feature shapes; rebuild the engines with `gsnet export build`."
+        )
+    profile = head.profiles[0]
+    for name, shape in encoder.output_shapes.items():
+        shape_range = profile.shapes.get(name)
+        fits = (
+            shape_range is not None
+            and len(shape) == len(shape_range.min)
+            and all(lo <= d <= hi for d, lo, hi in zip(shape, shape_range.min, shape_range.max))
+        )
+        if not fits:
+            accepted = "no such input" if shape_range is None else f"{shape_range.min}..{shape_range.max}"
+            raise EngineBuildError(
+                f"{head.engine_file} cannot take {encoder.engine_file}'s feature {name!r} of shape {tuple(shape)} "
+                f"(its profile: {accepted}); rebuild both engines from one ONNX folder."
+            )

@@ -1,4 +1,12 @@
-"""``gsnet export build``: TensorRT engines of both graphs, by the installed TensorRT's path.
+"""``gsnet export build``: TensorRT engines of the exported graphs, by the installed TensorRT's path.
+
+Always the text and image graphs; also the paper protocol's encoder and head when the ONNX folder
+has them (``paper_encoder.onnx`` / ``paper_head.onnx``), with the profiles of ``export.profiles``
+(h, w of the resized image, N, and the value range of the head's ``out_size`` shape tensor). The
+paper engines follow the image graph's precision; for INT8 / best they need Q/DQ paper graphs
+(``paper_encoder.int8.onnx`` / ``paper_head.int8.onnx`` from calibration): without them they are
+built in FP16 and their manifests say so. Every manifest records the pooling the graphs were
+exported with (from the ONNX folder's manifest; None when it does not say).
 
 The build loop. Its decisions live beside it: ``version_policy`` (which ONNX model and flags per
 TensorRT version and precision), ``dla`` (DLA rules), ``profiles`` (optimization profiles),
@@ -12,22 +20,45 @@ Without TensorRT (CI, this workstation) the FP16 / Q/DQ ONNX models are still wr
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.atomic import write_json_atomic
-from gsnet_deploy.contracts.derived import OnnxVariant, read_model_digest
-from gsnet_deploy.contracts.engine_manifest import EngineManifest, Graph, HostInfo, this_platform, write_manifest
+from gsnet_deploy.contracts.derived import OnnxVariant, read_model_digest, read_sidecar
+from gsnet_deploy.contracts.engine_manifest import (
+    CORE_GRAPHS,
+    PAPER_GRAPHS,
+    EngineManifest,
+    Graph,
+    HostInfo,
+    this_platform,
+    write_manifest,
+)
 from gsnet_deploy.contracts.precision import Precision
 from gsnet_deploy.errors import EngineBuildError, ExportError
 from gsnet_deploy.export.derived_models import make_variants
 from gsnet_deploy.export.dla import resolve_dla
 from gsnet_deploy.export.plugin_discovery import find_plugin
-from gsnet_deploy.export.profiles import DEFAULT_CLASSES_OPT, dim_ranges, onnx_input_shapes, profile_for
-from gsnet_deploy.export.version_policy import STRONG_TYPING_MIN, select_build_path, variants_for_any_target
+from gsnet_deploy.export.profiles import (
+    DEFAULT_CLASSES_OPT,
+    dim_ranges,
+    onnx_input_shapes,
+    paper_dim_ranges,
+    profile_for,
+    static_output_shapes,
+)
+from gsnet_deploy.export.version_policy import (
+    STRONG_TYPING_MIN,
+    BuildPath,
+    GraphPlan,
+    select_build_path,
+    variants_for_any_target,
+)
 
 TIMING_CACHE_FILE = "timing.cache"
 BUILD_RECORD_FILE = "build.json"
@@ -55,6 +86,84 @@ class BuildResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+def read_pooling(onnx_dir: Path) -> int | None:
+    """The class-transformer pooling recorded in an ONNX folder's manifest (None: not recorded, an older export)."""
+    try:
+        payload = json.loads((Path(onnx_dir) / io_names.MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pooling = payload.get("pooling") if isinstance(payload, dict) else None
+    if isinstance(pooling, (list, tuple)):
+        pooling = pooling[0] if pooling else None
+    return None if pooling is None else int(pooling)
+
+
+def paper_graphs_present(onnx_dir: Path) -> bool:
+    """Whether the ONNX folder has both paper graphs (an older export has neither).
+
+    Raises:
+        ExportError: only one of the two is there.
+
+    """
+    present = [(Path(onnx_dir) / g.onnx_file).is_file() for g in PAPER_GRAPHS]
+    if any(present) and not all(present):
+        missing = next(g.onnx_file for g, ok in zip(PAPER_GRAPHS, present) if not ok)
+        raise ExportError(f"ONNX folder {onnx_dir} has no {missing} beside the other paper graph; re-run `gsnet export onnx`.")
+    return all(present)
+
+
+def paper_int8_ready(onnx_dir: Path, out_dir: Path, digest: str) -> bool:
+    """Whether Q/DQ paper graphs of these weights exist (in the output or the ONNX folder) for INT8 paper engines."""
+
+    def fresh(graph: Graph) -> bool:
+        name = OnnxVariant.INT8.file_name(graph)
+        for folder in (out_dir, onnx_dir):
+            record = read_sidecar(folder / name)
+            if (folder / name).is_file() and record is not None and record.get("model_digest") == digest:
+                return True
+        return False
+
+    return all(fresh(g) for g in PAPER_GRAPHS)
+
+
+def _paper_qdq_from_image(onnx_dir: Path, int8_dir: Path, notes: list[str]) -> bool:
+    """Q/DQ paper graphs with the ranges of the image graph's Q/DQ model in ``int8_dir`` (no calibration run).
+
+    Returns:
+        Whether both were written; False where the image Q/DQ model records no ranges (made before
+        they were recorded) or the calibration module has no such function, with a note saying why.
+    """
+    try:
+        from gsnet_deploy.calib.quantize import quantize_paper_graphs
+    except ImportError:
+        return False
+    try:
+        written = quantize_paper_graphs(onnx_dir, int8_dir)
+    except ExportError as err:
+        notes.append(f"no INT8 paper graphs: {err}")
+        return False
+    notes.append(f"wrote the INT8 paper graphs with the ranges of {int8_dir / 'image_graph.int8.onnx'}")
+    return all(g in written for g in PAPER_GRAPHS)
+
+
+PAPER_FP16_NOTE = (
+    "paper engines built in FP16: no INT8 paper graphs (paper_encoder.int8.onnx, paper_head.int8.onnx) of this model; "
+    "calibrate them and rebuild for INT8 paper engines"
+)
+
+
+def paper_plan(path: BuildPath, fp16_path: BuildPath, int8_ready: bool) -> tuple[GraphPlan, bool]:
+    """The paper graphs' plan: the image graph's, or its FP16 plan when INT8 needs Q/DQ paper graphs that do not exist.
+
+    Returns:
+        The plan and whether it fell back to FP16.
+    """
+    image = path.plan(Graph.IMAGE)
+    if image.variant in (OnnxVariant.INT8, OnnxVariant.INT8_FP16) and not int8_ready:
+        return fp16_path.plan(Graph.IMAGE), True
+    return image, False
+
+
 def _current_host(trt_version_text: str) -> HostInfo:
     from gsnet_deploy.runtime.tensorrt_backend import current_gpu
 
@@ -77,10 +186,11 @@ def build_engines(
     plugin: bool = False,
     text_tokens: np.ndarray | None = None,
 ) -> BuildResult:
-    """Build ``text_encoder.engine`` and ``image_graph.engine`` (+ manifests) in ``out_dir``.
+    """Build ``text_encoder.engine`` and ``image_graph.engine`` (+ the paper engines) with manifests in ``out_dir``.
 
     Args:
-        onnx_dir: folder of ``gsnet export onnx`` (both graphs and ``manifest.json``).
+        onnx_dir: folder of ``gsnet export onnx`` (both graphs and ``manifest.json``; the paper
+            encoder and head engines are built when it has their graphs).
         out_dir: where engines, manifests, derived ONNX models and the timing cache go.
         precision: FP16, INT8 or BEST.
         classes_opt: the class count the engines are tuned for (opt of the N profile).
@@ -118,16 +228,20 @@ def build_engines(
             "only; drop one of the two."
         )
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
-    for graph in Graph:
+    for graph in CORE_GRAPHS:
         if not (onnx_dir / f"{graph.value}.onnx").is_file():
             raise ExportError(
                 f"{onnx_dir / (graph.value + '.onnx')} does not exist; run `gsnet export onnx --out {onnx_dir}` first."
             )
+    graphs = CORE_GRAPHS + (PAPER_GRAPHS if paper_graphs_present(onnx_dir) else ())
     digest = read_model_digest(onnx_dir)
+    pooling = read_pooling(onnx_dir)
     dims = dim_ranges(classes_opt, fixed=dla_core is not None)
     text_dims = dim_ranges(classes_opt)
+    paper_dims = paper_dim_ranges(classes_opt)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    int8_ready = paper_int8_ready(onnx_dir, out_dir, digest)
 
     version = installed_tensorrt_version()
     if plugin and version is not None:
@@ -141,19 +255,29 @@ def build_engines(
     needed = (
         variants_for_any_target(precision)
         if version is None
-        else {g: (select_build_path(version, precision).plan(g).variant,) for g in Graph}
+        else {g: (select_build_path(version, precision).plan(g).variant,) for g in CORE_GRAPHS}
     )
     if version is not None and precision is Precision.BEST and version >= STRONG_TYPING_MIN:
         needed = {Graph.TEXT: needed[Graph.TEXT], Graph.IMAGE: (OnnxVariant.INT8, OnnxVariant.INT8_FP16)}
     variants = make_variants(
-        onnx_dir,
-        out_dir,
-        needed,
-        digest=digest,
-        calib_images=calib_images,
-        text_tokens=text_tokens,
-        notes=notes,
+        onnx_dir, out_dir, needed, digest=digest, calib_images=calib_images, text_tokens=text_tokens, notes=notes
     )
+    if PAPER_GRAPHS[0] in graphs:
+        image_qdq = variants[Graph.IMAGE].get(OnnxVariant.INT8)
+        if image_qdq is not None and not int8_ready:
+            int8_ready = _paper_qdq_from_image(onnx_dir, image_qdq.parent, notes)
+        targets = ((10, 3), STRONG_TYPING_MIN) if version is None else (version,)
+        plans = [
+            paper_plan(select_build_path(v, precision), select_build_path(v, Precision.FP16), int8_ready)[0] for v in targets
+        ]
+        found = {p.variant for p in plans}
+        if OnnxVariant.INT8_FP16 in found:
+            found.add(OnnxVariant.INT8)  # AutoCast makes it from the Q/DQ model
+        paper_needed = {g: tuple(v for v in OnnxVariant if v in found) for g in PAPER_GRAPHS}
+        paper_variants = make_variants(
+            onnx_dir, out_dir, paper_needed, digest=digest, calib_images=None, text_tokens=text_tokens, notes=notes
+        )
+        variants.update({g: paper_variants[g] for g in PAPER_GRAPHS})
     onnx_models = {p.name: p for per_graph in variants.values() for p in per_graph.values()}
     write_json_atomic(
         out_dir / BUILD_RECORD_FILE,
@@ -179,10 +303,19 @@ def build_engines(
     host = _current_host(str(trt_module.__version__))
     use_plugin, plugin_note, plugin_modules = find_plugin(plugin, version, notes)
 
+    fp16_path = select_build_path(version, Precision.FP16)
+    feature_shapes = (
+        static_output_shapes(onnx_dir / Graph.PAPER_ENCODER.onnx_file, io_names.PAPER_FEATURES)
+        if PAPER_GRAPHS[0] in graphs
+        else {}
+    )
     engines: dict[Graph, Path] = {}
     manifests: dict[Graph, EngineManifest] = {}
-    for graph in Graph:
-        plan = path.plan(graph)
+    paper_fell_back = False
+    for graph in graphs:
+        plan, paper_fp16 = paper_plan(path, fp16_path, int8_ready) if graph in PAPER_GRAPHS else (path.plan(graph), False)
+        graph_notes = (*notes, PAPER_FP16_NOTE) if paper_fp16 else tuple(notes)
+        paper_fell_back |= paper_fp16
         src = variants[graph][plan.variant]
         hook = None
         graph_plugin = False
@@ -197,7 +330,7 @@ def build_engines(
             src = save_onnx_atomic(model, out_dir / src.name.replace(".onnx", ".plugin.onnx"))
             hook = functools.partial(trt_plugin.register_plugin, trt_plugin.ptx_arch(host.compute_capability))
             graph_plugin = True
-        graph_dims = dims if graph is Graph.IMAGE else text_dims
+        graph_dims = dims if graph is Graph.IMAGE else paper_dims if graph in PAPER_GRAPHS else text_dims
         profile = profile_for(onnx_input_shapes(src), graph_dims)
         engine_path = out_dir / graph.engine_file
         SaveEngine(
@@ -211,6 +344,7 @@ def build_engines(
                     dla_core=dla if graph is Graph.IMAGE else None,
                     hardware_compatible=hardware_compatible,
                     version_compatible=version_compatible,
+                    activation_resize=graph is Graph.PAPER_HEAD,
                 ),
             ),
             engine_path,
@@ -219,7 +353,7 @@ def build_engines(
             graph=graph,
             engine_file=graph.engine_file,
             onnx_file=src.name,
-            precision=precision,
+            precision=Precision.FP16 if paper_fp16 else precision,
             precision_path=plan.how,
             strongly_typed=plan.flags.strongly_typed,
             host=host,
@@ -230,7 +364,9 @@ def build_engines(
             dla_core=dla if graph is Graph.IMAGE else None,
             hardware_compatible=hardware_compatible,
             version_compatible=version_compatible,
-            notes=tuple(notes),
+            notes=graph_notes,
+            pooling=pooling,
+            output_shapes=feature_shapes if graph is Graph.PAPER_ENCODER else {},
         )
         write_manifest(manifest, out_dir)
         engines[graph], manifests[graph] = engine_path, manifest
@@ -240,5 +376,5 @@ def build_engines(
         engines=engines,
         manifests=manifests,
         onnx_models=onnx_models,
-        notes=tuple(notes),
+        notes=tuple(notes) + ((PAPER_FP16_NOTE,) if paper_fell_back else ()),
     )

@@ -14,7 +14,7 @@ import numpy as np
 
 from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.derived import INT8_FILE, OnnxVariant, read_sidecar, write_sidecar
-from gsnet_deploy.contracts.engine_manifest import Graph
+from gsnet_deploy.contracts.engine_manifest import PAPER_GRAPHS, Graph
 from gsnet_deploy.errors import EngineBuildError
 from gsnet_deploy.export.dla import DLA_VIEWS
 from gsnet_deploy.export.fp16 import make_fp16_onnx
@@ -60,19 +60,24 @@ def make_variants(
         return views, embeds
 
     for graph in Graph:
-        for variant in needed[graph]:
+        for variant in needed.get(graph, ()):
             if variant is OnnxVariant.FP32:
                 paths[graph][variant] = onnx_dir / variant.file_name(graph)
                 continue
             dst = out_dir / variant.file_name(graph)
             if variant is OnnxVariant.INT8:
                 # a Q/DQ model from `gsnet calib` may sit in the output or the ONNX folder
-                for candidate in (out_dir / INT8_FILE, onnx_dir / INT8_FILE):
+                int8_file = variant.file_name(graph)  # INT8_FILE for the image graph
+                for candidate in (out_dir / int8_file, onnx_dir / int8_file):
                     if _fresh(candidate, digest):
                         paths[graph][variant] = candidate
                         notes.append(f"reused the Q/DQ model {candidate}")
                         break
                 else:
+                    if graph is not Graph.IMAGE:  # paper Q/DQ graphs come from calibration, never made here
+                        raise EngineBuildError(
+                            f"No Q/DQ model {int8_file} for this model in {out_dir} or {onnx_dir}; run `gsnet calib` first."
+                        )
                     if not calib_images:
                         raise EngineBuildError(
                             f"INT8 needs a Q/DQ model but {out_dir / INT8_FILE} does not exist (or is for "
@@ -93,6 +98,9 @@ def make_variants(
             feeds: list[dict[str, np.ndarray]]
             if graph is Graph.TEXT:
                 feeds = [{io_names.TEXT_TOKENS: tokens}]
+            elif graph in PAPER_GRAPHS:
+                v, e = reference_inputs()
+                feeds = [paper_reference_feeds(onnx_dir, graph, v, e)]
             else:
                 v, e = reference_inputs()
                 # one view per batch, streamed: AutoCast's memory stays one view's inference (export.fp16)
@@ -116,3 +124,32 @@ def make_variants(
                 },
             )
     return paths
+
+
+PAPER_REFERENCE_HW = (640, 2560)  # AutoCast's reference image after ResizeShortestEdge: the widest the profile takes
+PAPER_REFERENCE_OUT = (2880, 2880)  # and output size: export.profiles.OUT_SIDE_MAX (import kept out of this module)
+PAPER_REFERENCE_CLASSES = 2  # [N, H, W] at the largest output size stays ~66 MB a tensor
+
+
+def paper_reference_feeds(onnx_dir: Path, graph: Graph, views: np.ndarray, embeds: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch for AutoCast's reference run of a paper graph, at the largest sizes its profile takes.
+
+    The paper graphs compute resize coordinates up to the image and output sides; a reference run at
+    small sizes would let AutoCast put that arithmetic in FP16 (exact integers only to 2048), so the
+    image is 640x2560 (a calibration view tiled) and the output 2880x2880 (few classes, to bound memory).
+    The head's features come from the FP32 encoder run on that image with ONNX Runtime.
+    """
+    reps = (-(-PAPER_REFERENCE_HW[0] // views.shape[2]), -(-PAPER_REFERENCE_HW[1] // views.shape[3]))
+    image = np.tile(np.clip(views[:1], 0, 255), (1, 1, *reps))[:, :, : PAPER_REFERENCE_HW[0], : PAPER_REFERENCE_HW[1]]
+    image = np.ascontiguousarray(image.astype(np.uint8))  # [1, 3, 640, 2560]
+    if graph is Graph.PAPER_ENCODER:
+        return {io_names.PAPER_IMAGE: image}
+    from gsnet_deploy.runtime.ort_session import CPU_PROVIDER, open_session
+
+    session = open_session(onnx_dir / io_names.PAPER_ENCODER_FILE, [CPU_PROVIDER])
+    features = dict(zip(io_names.PAPER_FEATURES, session.run(list(io_names.PAPER_FEATURES), {io_names.PAPER_IMAGE: image})))
+    return {
+        **features,
+        io_names.TEXT_EMBEDS: np.ascontiguousarray(embeds[:PAPER_REFERENCE_CLASSES], dtype=np.float32),
+        io_names.OUT_SIZE: np.asarray(PAPER_REFERENCE_OUT, dtype=np.int64),
+    }

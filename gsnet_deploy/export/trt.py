@@ -159,18 +159,24 @@ class BuildConfig:
         dla_core: int | None = None,
         hardware_compatible: bool = False,
         version_compatible: bool = False,
+        activation_resize: bool = False,
     ) -> None:
         """Record the arguments.
 
         Args:
             flags: precision decisions (``BuildFlags``).
-            profiles: optimization profiles, one entry each.
+            profiles: optimization profiles, one entry each; shape-tensor inputs (``Profile.values``)
+                get value ranges (``set_shape_input``) instead of shape ranges.
             workspace_gib: workspace memory pool limit in GiB (None: TensorRT's default, the device memory).
             timing_cache: timing cache file loaded if present (``EngineFromNetwork`` saves it back).
             dla_core: DLA core to build for, with GPU fallback; None for GPU only. The caller has
                 checked it with ``export.build.resolve_dla``.
             hardware_compatible: ``HardwareCompatibilityLevel.AMPERE_PLUS``.
             version_compatible: ``BuilderFlag.VERSION_COMPATIBLE`` (the plan embeds a lean runtime).
+            activation_resize: let the runtime size activation memory for the shapes it runs
+                (``PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10``, TensorRT >= 10.10; ignored where
+                absent): the paper head's ``[N, H, W]`` tensors at the profile maximum would otherwise
+                reserve gigabytes for every run.
 
         """
         if not profiles:
@@ -182,6 +188,7 @@ class BuildConfig:
         self.dla_core = dla_core
         self.hardware_compatible = hardware_compatible
         self.version_compatible = version_compatible
+        self.activation_resize = activation_resize
 
     def __call__(self, parsed: ParsedNetwork) -> trt.IBuilderConfig:
         """Create the ``IBuilderConfig`` for ``parsed``'s builder."""
@@ -199,8 +206,17 @@ class BuildConfig:
         for profile in self.profiles:
             opt_profile = builder.create_optimization_profile()
             for name, shape in profile.shapes.items():
+                if name in profile.values:
+                    # a shape tensor (values set output shapes): its values get the range, its shape is static
+                    values = profile.values[name]
+                    opt_profile.set_shape_input(name, list(values.min), list(values.opt), list(values.max))
+                    continue
                 opt_profile.set_shape(name, trt.Dims(list(shape.min)), trt.Dims(list(shape.opt)), trt.Dims(list(shape.max)))
             config.add_optimization_profile(opt_profile)
+        if self.activation_resize:
+            resize_feature = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+            if resize_feature is not None:
+                config.set_preview_feature(resize_feature, True)
         cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.is_file() else b""
         cache = config.create_timing_cache(cache_bytes)
         if not config.set_timing_cache(cache, ignore_mismatch=False):

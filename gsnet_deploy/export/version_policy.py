@@ -43,7 +43,7 @@ class BuildPath:
     image: GraphPlan
 
     def plan(self, graph: Graph) -> GraphPlan:
-        """The plan of ``graph``."""
+        """The plan of ``graph`` (the paper graphs, parts of the image graph, follow the image plan)."""
         return self.text if graph is Graph.TEXT else self.image
 
 
@@ -105,7 +105,7 @@ def variants_for_any_target(precision: Precision) -> dict[Graph, tuple[OnnxVaria
     needed: dict[Graph, set[OnnxVariant]] = {Graph.TEXT: set(), Graph.IMAGE: set()}
     for version in ((10, 3), STRONG_TYPING_MIN):
         path = select_build_path(version, precision)
-        for graph in Graph:
+        for graph in needed:  # the paper graphs' variants are chosen by export.build (paper_plan)
             needed[graph].add(path.plan(graph).variant)
     order = list(OnnxVariant)
     return {g: tuple(sorted(v, key=order.index)) for g, v in needed.items()}

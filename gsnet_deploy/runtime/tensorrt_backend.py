@@ -1,4 +1,4 @@
-"""TensorRT backend of the runtime (torch-free): two engines, cuda-python for memory and streams.
+"""TensorRT backend of the runtime (torch-free): text and image engines (+ the paper protocol's), cuda-python.
 
 Implements ``runtime.backend.Backend`` for the engines of ``gsnet export build``. Construction only
 reads the manifests; ``__enter__`` imports TensorRT and ``cuda.bindings.runtime`` (cuda-python),
@@ -16,6 +16,20 @@ CUDA graphs: TensorRT documents a captured graph as tied to the execution contex
 captured with (its input shapes), so each input-shape set gets its own execution context, captured
 once and replayed from then on; a failed capture ends the stream capture and falls back to plain
 enqueues for that shape set.
+
+Paper protocol (``paper_encoder.engine`` / ``paper_head.engine``, when the build has them): the
+``encoder`` / ``head`` runners take and return host arrays like the others, and ``segment_paper``
+runs both on the backend's stream with the encoder's output device buffers bound as the head's
+inputs, so the features never cross to the host. The head's ``out_size`` is a shape tensor: its
+values live in host memory (TensorRT reads shape tensors from the host) and are checked against
+the profile's value range before anything runs. The paper buffers grow only: a buffer is
+reallocated when a call needs more than it holds and kept for later calls, because the head's
+outputs (``[H, W]`` class map, ``[N, H, W]`` probabilities) range from bytes to gigabytes with the
+image and vocabulary, so sizing them for the profile maximum (as the text and image runners do)
+would hold gigabytes for nothing, and allocating per call would synchronize the device each time.
+The head's activation memory is managed the same way (``USER_MANAGED`` allocation sized by
+``update_device_memory_size_for_shapes`` per call). Probabilities are copied back only when asked.
+The paper runners do not capture CUDA graphs.
 """
 
 from __future__ import annotations
@@ -31,16 +45,22 @@ import numpy as np
 
 from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.engine_manifest import (
+    CORE_GRAPHS,
+    PAPER_GRAPHS,
     EngineManifest,
     Graph,
     HostInfo,
     check_engine_compatible,
+    check_head_takes_encoder,
     check_same_model,
+    check_same_pooling,
+    manifest_path,
     read_manifest,
     this_platform,
 )
 from gsnet_deploy.contracts.tensorrt_import import require_tensorrt
 from gsnet_deploy.errors import BackendError, EngineBuildError
+from gsnet_deploy.runtime.protocol import host_class_map
 
 
 def _cuda_runtime() -> Any:
@@ -242,8 +262,13 @@ class _EngineRunner:
         """Smallest first-axis size of ``chunk_input`` in the engine's profile (= max on a fixed DLA profile)."""
         return self.manifest.profiles[0].shapes[self.chunk_input].min[0]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on host arrays, return host arrays (chunked and padded to fit the profile)."""
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on host arrays, return host arrays (chunked and padded to fit the profile); ``outputs``: only these."""
+        if outputs is not None:
+            unknown = [n for n in outputs if n not in self.outputs]
+            if unknown:
+                raise BackendError(f"{self.manifest.engine_file} has no outputs {unknown} (it has {list(self.outputs)}).")
+            return {name: value for name, value in self.run(feeds).items() if name in outputs}
         check_feeds(feeds, self.manifest, self.chunk_input)
         total = int(np.shape(feeds[self.chunk_input])[0])
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
@@ -347,6 +372,181 @@ class _EngineRunner:
         self.buffers.clear()
 
 
+@dataclass
+class _GrowBuffer:
+    """A device buffer (and optionally a pinned host buffer) that is reallocated only to grow."""
+
+    cudart: Any
+    pinned: bool = False
+    device_ptr: int = 0
+    host_ptr: int = 0
+    nbytes: int = 0
+
+    def ensure(self, nbytes: int) -> None:
+        """Hold at least ``nbytes`` (at least 1 byte): keep the buffers if they are big enough, else reallocate."""
+        nbytes = max(int(nbytes), 1)
+        if nbytes <= self.nbytes:
+            return
+        self.free()
+        self.device_ptr = int(_check(self.cudart.cudaMalloc(nbytes), "cudaMalloc"))
+        if self.pinned:
+            self.host_ptr = int(_check(self.cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
+        self.nbytes = nbytes
+
+    def host_view(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        """The first ``prod(shape)`` elements of the pinned host buffer as an array of ``shape``."""
+        return _Buffer(self.device_ptr, self.host_ptr, self.nbytes, dtype).host_view(shape)
+
+    def free(self) -> None:
+        """Free both buffers (idempotent)."""
+        if self.device_ptr:
+            self.cudart.cudaFree(self.device_ptr)
+        if self.host_ptr:
+            self.cudart.cudaFreeHost(self.host_ptr)
+        self.device_ptr = self.host_ptr = self.nbytes = 0
+
+
+def _nbytes(shape: Sequence[int], dtype: np.dtype[Any]) -> int:
+    return int(np.prod(tuple(shape), dtype=np.int64)) * dtype.itemsize
+
+
+@dataclass
+class _PaperRunner:
+    """Runs one paper-protocol engine (encoder or head) on grow-only buffers; see the module docstring.
+
+    ``bind_host`` stages host inputs (shape tensors stay in host memory), ``bind_device`` binds
+    another engine's device output as an input, ``enqueue`` sizes the outputs and runs, ``fetch``
+    copies the named outputs back. ``run`` is the host-array ``GraphRunner`` on top of them.
+    """
+
+    manifest: EngineManifest
+    engine: Any
+    context: Any
+    stream: Any
+    cudart: Any
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dtypes: dict[str, np.dtype[Any]]
+    shape_inputs: tuple[str, ...]
+    user_memory: bool
+    buffers: dict[str, _GrowBuffer] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    scratch: _GrowBuffer | None = None
+
+    def _buffer(self, name: str) -> _GrowBuffer:
+        if name not in self.buffers:
+            self.buffers[name] = _GrowBuffer(self.cudart, pinned=True)
+        return self.buffers[name]
+
+    def check_shape_values(self, name: str, values: np.ndarray) -> None:
+        """Refuse shape-tensor values outside the profile's value range, with one line, before anything runs."""
+        value_range = self.manifest.profiles[0].values.get(name)
+        if value_range is None:
+            return
+        if values.shape != (len(value_range.min),) or any(
+            not lo <= int(v) <= hi for v, lo, hi in zip(values, value_range.min, value_range.max)
+        ):
+            shown = "x".join(str(int(v)) for v in values.reshape(-1))
+            limit = "x".join(str(v) for v in value_range.max)
+            raise BackendError(
+                f"{name} {shown} is outside what {self.manifest.engine_file} takes (up to {limit}); "
+                "use --mode tiled or --backend onnxruntime for larger outputs."
+            )
+
+    def bind_host(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Stage host inputs: shape tensors into pinned host memory, the others onto the device (async H2D)."""
+        h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        for name in self.shape_inputs:
+            if name in feeds:
+                self.check_shape_values(name, np.asarray(feeds[name]).reshape(-1))
+        for name, value in feeds.items():
+            array = np.ascontiguousarray(value, dtype=self.dtypes[name])
+            buf = self._buffer(name)
+            buf.ensure(array.nbytes)
+            buf.host_view(array.shape, array.dtype)[...] = array
+            if name in self.shape_inputs:
+                # NOTE: TensorRT reads shape tensors from host memory; the pinned buffer outlives the call
+                self.context.set_tensor_address(name, buf.host_ptr)
+            else:
+                _check(
+                    self.cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, array.nbytes, h2d, self.stream),
+                    "cudaMemcpyAsync H2D",
+                )
+                self.context.set_tensor_address(name, buf.device_ptr)
+            self.shapes[name] = tuple(array.shape)
+
+    def bind_device(self, name: str, device_ptr: int, shape: tuple[int, ...]) -> None:
+        """Bind a device buffer (another engine's output, on the same stream) as input ``name``: no copy."""
+        self.context.set_tensor_address(name, device_ptr)
+        self.shapes[name] = tuple(shape)
+
+    def enqueue(self) -> dict[str, tuple[int, ...]]:
+        """Set the input shapes (checked), size the outputs for them, run; returns the output shapes."""
+        missing = [n for n in self.inputs if n not in self.shapes]
+        if missing:
+            raise BackendError(f"Inputs {missing} missing for {self.manifest.engine_file}; pass {list(self.inputs)}.")
+        set_input_shapes(self.context, {n: self.shapes[n] for n in self.inputs}, self.manifest.engine_file)
+        out_shapes = {name: tuple(int(d) for d in self.context.get_tensor_shape(name)) for name in self.outputs}
+        for name, shape in out_shapes.items():
+            if any(d < 0 for d in shape):
+                raise BackendError(
+                    f"TensorRT could not resolve output {name!r} of {self.manifest.engine_file} (shape {shape}); "
+                    "check the inputs against the engine's profile."
+                )
+            buf = self._buffer(name)
+            buf.ensure(_nbytes(shape, self.dtypes[name]))
+            self.context.set_tensor_address(name, buf.device_ptr)
+        if self.user_memory:
+            assert self.scratch is not None
+            size = int(self.context.update_device_memory_size_for_shapes())  # for these shapes (TensorRT >= 10.1)
+            self.scratch.ensure(size)
+            self.context.set_device_memory(self.scratch.device_ptr, self.scratch.nbytes)
+        if not self.context.execute_async_v3(stream_handle(self.stream)):
+            raise BackendError(f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log.")
+        self.shapes.update({name: shape for name, shape in out_shapes.items()})
+        return out_shapes
+
+    def fetch(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Copy outputs ``names`` of the last ``enqueue`` to the host and synchronize the stream once."""
+        d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in names:
+            buf, shape = self.buffers[name], self.shapes[name]
+            _check(
+                self.cudart.cudaMemcpyAsync(buf.host_ptr, buf.device_ptr, _nbytes(shape, self.dtypes[name]), d2h, self.stream),
+                "cudaMemcpyAsync D2H",
+            )
+        _check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return {name: self.buffers[name].host_view(self.shapes[name], self.dtypes[name]).copy() for name in names}
+
+    def device_output(self, name: str) -> tuple[int, tuple[int, ...]]:
+        """Device address and shape of output ``name`` of the last ``enqueue``."""
+        return self.buffers[name].device_ptr, self.shapes[name]
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on host arrays and return host arrays: only ``outputs`` (None: all) cross to the host."""
+        names = list(self.outputs) if outputs is None else list(outputs)
+        unknown = [n for n in names if n not in self.outputs]
+        if unknown:
+            raise BackendError(f"{self.manifest.engine_file} has no outputs {unknown} (it has {list(self.outputs)}).")
+        missing = sorted(set(self.inputs) - set(feeds))
+        if missing:
+            raise BackendError(f"Inputs {missing} missing for {self.manifest.engine_file}; pass {list(self.inputs)}.")
+        self.bind_host({name: feeds[name] for name in self.inputs})
+        self.enqueue()
+        result = self.fetch(names)
+        if io_names.CLASS_MAP in result:
+            result[io_names.CLASS_MAP] = host_class_map(result[io_names.CLASS_MAP], self.shapes[io_names.TEXT_EMBEDS][0])
+        return result
+
+    def close(self) -> None:
+        """Free the buffers and the activation memory."""
+        for buf in self.buffers.values():
+            buf.free()
+        self.buffers.clear()
+        if self.scratch is not None:
+            self.scratch.free()
+
+
 _NP_DTYPES = {
     "FLOAT": np.float32,
     "HALF": np.float16,
@@ -358,14 +558,22 @@ _NP_DTYPES = {
 }
 
 
+PAPER_ENGINES_MISSING = (
+    "engines in {folder} were built before the paper protocol graphs (no paper_encoder.engine / paper_head.engine); "
+    "re-export the ONNX folder and rebuild with `gsnet export build` to run the protocol on the GPU"
+)
+
+
 class TensorRTBackend:
-    """The ``tensorrt`` backend: ``text_encoder.engine`` + ``image_graph.engine`` from one build folder.
+    """The ``tensorrt`` backend: ``text_encoder.engine`` + ``image_graph.engine`` (+ the paper engines) from one build.
 
     Attributes:
         name: ``"tensorrt"``.
-        model_digest: the engines' model digest (both manifests agree).
+        model_digest: the engines' model digest (all manifests agree).
         max_views: largest view batch of the image engine's profile (bigger batches are chunked).
         preferred_views: the image profile's opt view batch.
+        manifests: every engine's manifest, by graph (the paper graphs only when built).
+        manifest: the image engine's manifest; its ``pooling`` is the pooling of every engine here.
 
     """
 
@@ -386,13 +594,25 @@ class TensorRTBackend:
         self.engine_dir = Path(engine_dir)
         self.device = device
         self.cuda_graphs = cuda_graphs
-        self.manifests = {graph: read_manifest(self.engine_dir / graph.engine_file) for graph in Graph}
-        check_same_model(self.manifests[Graph.TEXT], self.manifests[Graph.IMAGE])
+        self.manifests = {graph: read_manifest(self.engine_dir / graph.engine_file) for graph in CORE_GRAPHS}
+        paper = [manifest_path(self.engine_dir / g.engine_file).is_file() for g in PAPER_GRAPHS]
+        if any(paper) and not all(paper):
+            missing = next(g.engine_file for g, ok in zip(PAPER_GRAPHS, paper) if not ok)
+            raise EngineBuildError(f"{self.engine_dir} has no {missing} beside the other paper engine; rebuild the engines.")
+        if all(paper):
+            self.manifests.update({g: read_manifest(self.engine_dir / g.engine_file) for g in PAPER_GRAPHS})
+            check_head_takes_encoder(self.manifests[Graph.PAPER_ENCODER], self.manifests[Graph.PAPER_HEAD])
+        for graph, manifest in self.manifests.items():
+            if graph is not Graph.TEXT:
+                check_same_model(self.manifests[Graph.TEXT], manifest)
+        check_same_pooling(self.manifests)
+        self.manifest = self.manifests[Graph.IMAGE]
         self.model_digest = self.manifests[Graph.IMAGE].model_digest
         views = self.manifests[Graph.IMAGE].profiles[0].shapes[io_names.IMAGES]
         self.max_views: int | None = views.max[0]
         self.preferred_views = views.opt[0]
         self._runners: dict[Graph, _EngineRunner] = {}
+        self._paper: dict[Graph, _PaperRunner] = {}
         self._stream: Any = None
         self._trt_runtime: Any = None
 
@@ -410,6 +630,60 @@ class TensorRTBackend:
         if graph not in self._runners:
             raise BackendError("The TensorRT backend is not open; use it inside `with TensorRTBackend(...) as backend:`.")
         return self._runners[graph]
+
+    @property
+    def encoder(self) -> _PaperRunner:
+        """Runner of the paper encoder engine (uint8 image ``[1, 3, h, w]`` -> ``PAPER_FEATURES``); only inside ``with``.
+
+        Raises:
+            BackendError: the backend is not open, or the build has no paper engines.
+        """
+        return self._paper_runner(Graph.PAPER_ENCODER)
+
+    @property
+    def head(self) -> _PaperRunner:
+        """Runner of the paper head engine (features, text_embeds, out_size -> class_map, probs); only inside ``with``."""
+        return self._paper_runner(Graph.PAPER_HEAD)
+
+    def _paper_runner(self, graph: Graph) -> _PaperRunner:
+        self._runner(Graph.IMAGE)  # raises when not open
+        if graph not in self.manifests:
+            raise BackendError(PAPER_ENGINES_MISSING.format(folder=self.engine_dir))
+        return self._paper[graph]
+
+    def segment_paper(
+        self, image: np.ndarray, text_embeds: np.ndarray, out_size: tuple[int, int], with_probs: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Encoder and head on the GPU with the features kept there: only the class map (and probs if asked) come back.
+
+        Host -> device: the image and the text embeddings; ``out_size`` is written to pinned host
+        memory (a shape tensor). Device -> host: the class map, and the probabilities only with
+        ``with_probs``. One stream, one synchronization.
+
+        Args:
+            image: uint8 ``[1, 3, h, w]`` after ``ResizeShortestEdge``.
+            text_embeds: ``[N, 512]``.
+            out_size: the original (H, W).
+            with_probs: also return ``PROBS`` ``[N, H, W]``.
+
+        Returns:
+            ``{CLASS_MAP: [H, W]}`` (uint8 for N <= 255, else int32) and ``PROBS`` when asked.
+
+        Raises:
+            BackendError: no paper engines, or an input (image size, N, out_size) outside their profiles.
+        """
+        encoder, head = self.encoder, self.head
+        size = np.asarray(out_size, dtype=np.int64).reshape(-1)  # [2]
+        head.check_shape_values(io_names.OUT_SIZE, size)  # a too-large output fails before any work
+        encoder.bind_host({io_names.PAPER_IMAGE: image})
+        encoder.enqueue()
+        for name in io_names.PAPER_FEATURES:
+            head.bind_device(name, *encoder.device_output(name))  # device to device: no copy at all
+        head.bind_host({io_names.TEXT_EMBEDS: text_embeds, io_names.OUT_SIZE: size})
+        head.enqueue()
+        out = head.fetch((io_names.CLASS_MAP, io_names.PROBS) if with_probs else (io_names.CLASS_MAP,))
+        out[io_names.CLASS_MAP] = host_class_map(out[io_names.CLASS_MAP], int(np.shape(text_embeds)[0]))
+        return out
 
     def host_info(self) -> HostInfo:
         """TensorRT version, GPU and platform of this host."""
@@ -436,6 +710,11 @@ class TensorRTBackend:
         try:
             for graph, chunk_input in ((Graph.TEXT, io_names.TEXT_TOKENS), (Graph.IMAGE, io_names.IMAGES)):
                 self._runners[graph] = self._open(graph, chunk_input)
+            for graph in PAPER_GRAPHS:
+                if graph in self.manifests:
+                    self._paper[graph] = self._open_paper(graph)
+            if self._paper:
+                self._check_feature_dtypes()
         except BaseException:
             self.__exit__()
             raise
@@ -448,11 +727,7 @@ class TensorRTBackend:
         if manifest.dla_core is not None:
             # NOTE: IRuntime.DLA_core defaults to -1; a DLA engine deserializes onto the core set here.
             self._trt_runtime.DLA_core = manifest.dla_core
-        engine = self._trt_runtime.deserialize_cuda_engine((self.engine_dir / manifest.engine_file).read_bytes())
-        if engine is None:
-            raise BackendError(
-                f"TensorRT could not load {self.engine_dir / manifest.engine_file}; rebuild it with `gsnet export build`."
-            )
+        engine = self._deserialize(manifest)
         context = engine.create_execution_context()
         profile = manifest.profiles[0]
         inputs: list[str] = []
@@ -495,8 +770,65 @@ class TensorRTBackend:
             new_context=new_context,
         )
 
+    def _deserialize(self, manifest: EngineManifest) -> Any:
+        engine = self._trt_runtime.deserialize_cuda_engine((self.engine_dir / manifest.engine_file).read_bytes())
+        if engine is None:
+            raise BackendError(
+                f"TensorRT could not load {self.engine_dir / manifest.engine_file}; rebuild it with `gsnet export build`."
+            )
+        return engine
+
+    def _open_paper(self, graph: Graph) -> _PaperRunner:
+        """A paper runner: no buffers yet (they grow on use); the head's activation memory is ours (USER_MANAGED)."""
+        trt = _import_tensorrt()
+        manifest = self.manifests[graph]
+        engine = self._deserialize(manifest)
+        user_memory = graph is Graph.PAPER_HEAD
+        if user_memory:
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        else:
+            context = engine.create_execution_context()
+        inputs: list[str] = []
+        outputs: list[str] = []
+        shape_inputs: list[str] = []
+        dtypes: dict[str, np.dtype[Any]] = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (inputs if is_input else outputs).append(name)
+            if is_input and engine.is_shape_inference_io(name):
+                shape_inputs.append(name)
+            dtypes[name] = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
+        cudart = _cuda_runtime()
+        return _PaperRunner(
+            manifest=manifest,
+            engine=engine,
+            context=context,
+            stream=self._stream,
+            cudart=cudart,
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            dtypes=dtypes,
+            shape_inputs=tuple(shape_inputs),
+            user_memory=user_memory,
+            scratch=_GrowBuffer(cudart) if user_memory else None,
+        )
+
+    def _check_feature_dtypes(self) -> None:
+        """Refuse a head whose feature inputs do not have the encoder's output types (the buffers are shared as they are)."""
+        encoder, head = self._paper[Graph.PAPER_ENCODER], self._paper[Graph.PAPER_HEAD]
+        for name in io_names.PAPER_FEATURES:
+            if encoder.dtypes.get(name) != head.dtypes.get(name):
+                raise BackendError(
+                    f"{head.manifest.engine_file} takes {name!r} as {head.dtypes.get(name)} but {encoder.manifest.engine_file} "
+                    f"writes {encoder.dtypes.get(name)}; rebuild both engines from one ONNX folder."
+                )
+
     def __exit__(self, *exc: object) -> None:
         cudart = _cuda_runtime()
+        for paper in self._paper.values():
+            paper.close()
+        self._paper.clear()
         for runner in self._runners.values():
             runner.close()
         self._runners.clear()

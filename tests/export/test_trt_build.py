@@ -10,7 +10,7 @@ import pytest
 
 from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.derived import OnnxVariant
-from gsnet_deploy.contracts.engine_manifest import Graph
+from gsnet_deploy.contracts.engine_manifest import Graph, ShapeRange, parse_version
 from gsnet_deploy.contracts.precision import Precision
 from gsnet_deploy.errors import EngineBuildError
 from gsnet_deploy.export.build import build_engines
@@ -165,7 +165,7 @@ def test_build_tiny_without_tensorrt_writes_fp16_onnx_then_one_line_error(
     assert "\n" not in message
     assert message.startswith("TensorRT is not installed") and "same `gsnet export build` command" in message
     digest = json.loads((tiny_onnx_dir / io_names.MANIFEST_FILE).read_text())["model_digest"]
-    for name in ("text_encoder.fp16.onnx", "image_graph.fp16.onnx"):
+    for name in ("text_encoder.fp16.onnx", "image_graph.fp16.onnx", "paper_encoder.fp16.onnx", "paper_head.fp16.onnx"):
         model = onnx.load(str(out / name))
         assert any(n.op_type == "Cast" for n in model.graph.node)
         assert json.loads((out / f"{name}.json").read_text())["model_digest"] == digest
@@ -350,3 +350,170 @@ def test_build_refuses_plugin_with_hardware_compatible(standin_graphs, tmp_path:
         build_engines(onnx_dir, tmp_path / "engines", Precision.FP16, plugin=True, hardware_compatible=True)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "engines").exists()  # refused before anything is written
+
+
+# ---- the paper protocol engines: profiles with a shape-tensor value range, built beside the others ----
+
+
+def _recording_tensorrt() -> tuple[object, object, list[tuple[str, tuple]], list[tuple[object, bool]]]:
+    """A stand-in tensorrt whose optimization profile records set_shape / set_shape_input calls."""
+    from types import SimpleNamespace
+
+    calls: list[tuple[str, tuple]] = []
+    preview: list[tuple[object, bool]] = []
+    trt, parsed = _fake_tensorrt(True)
+    profile = SimpleNamespace(
+        set_shape=lambda name, *r: calls.append(("shape", (name, *map(tuple, r)))),
+        set_shape_input=lambda name, *r: calls.append(("values", (name, *map(tuple, r)))),
+    )
+    parsed.builder.create_optimization_profile = lambda: profile
+    config_type = parsed.builder.create_builder_config
+    config_type.set_preview_feature = lambda self, feature, on: preview.append((feature, on))
+    trt.PreviewFeature = SimpleNamespace(RUNTIME_ACTIVATION_RESIZE_10_10="resize")
+    return trt, parsed, calls, preview
+
+
+def test_paper_head_profile_sets_out_size_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_onnx_dir: Path) -> None:
+    # catches: out_size given a *shape* range only (TensorRT then has no value range for the shape tensor and
+    # refuses the network), set_shape called on a shape tensor, and the head built without runtime activation resize
+    import sys
+
+    from gsnet_deploy.export import trt as trt_loaders
+    from gsnet_deploy.export.profiles import OUT_SIDE_MAX, paper_dim_ranges
+
+    trt, parsed, calls, preview = _recording_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_loaders, "import_tensorrt", lambda: trt)
+    head = profile_for(onnx_input_shapes(tiny_onnx_dir / io_names.PAPER_HEAD_FILE), paper_dim_ranges(12))
+    BuildConfig(BuildFlags(strongly_typed=True), profiles=[head], activation_resize=True)(parsed)
+    assert ("values", (io_names.OUT_SIZE, (1, 1), (640, 960), (OUT_SIDE_MAX, OUT_SIDE_MAX))) in calls
+    assert not [c for c in calls if c[0] == "shape" and c[1][0] == io_names.OUT_SIZE]
+    assert ("shape", (io_names.TEXT_EMBEDS, (1, 512), (12, 512), (256, 512))) in calls
+    assert preview == [("resize", True)]
+    encoder = profile_for(onnx_input_shapes(tiny_onnx_dir / io_names.PAPER_ENCODER_FILE), paper_dim_ranges(12))
+    assert encoder.shapes[io_names.PAPER_IMAGE] == ShapeRange((1, 3, 1, 1), (1, 3, 640, 960), (1, 3, 2560, 2560))
+    assert OUT_SIDE_MAX**2 * 256 < 2**31  # every [N, H, W] tensor at the profile maximum stays int32-indexable
+
+
+def _fake_build_pipeline(monkeypatch: pytest.MonkeyPatch, version: str) -> list[tuple[Path, object]]:
+    """Stand-ins for TensorRT's parser and builder: every engine is b"plan:<onnx name>"; returns the (onnx, config) built."""
+    from types import SimpleNamespace
+
+    from gsnet_deploy.contracts.engine_manifest import HostInfo
+    from gsnet_deploy.export import build as build_module
+    from gsnet_deploy.export import trt as trt_loaders
+
+    built: list[tuple[Path, object]] = []
+
+    def engine_from_network(network, config):
+        return lambda: (built.append((network(), config)), f"plan:{network().name}".encode())[1]
+
+    monkeypatch.setattr(trt_loaders, "installed_tensorrt_version", lambda: parse_version(version))
+    monkeypatch.setattr(trt_loaders, "import_tensorrt", lambda: SimpleNamespace(__version__=version))
+    monkeypatch.setattr(trt_loaders, "NetworkFromOnnx", lambda path, **kw: lambda: Path(path))
+    monkeypatch.setattr(trt_loaders, "EngineFromNetwork", engine_from_network)
+    monkeypatch.setattr(build_module, "_current_host", lambda v: HostInfo(v, "Orin", (8, 7), "Linux", "aarch64"))
+    return built
+
+
+@pytest.fixture
+def tiny_onnx_with_pooling(tiny_onnx_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny export whose manifest records pooling 2."""
+    import shutil
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx_dir, folder)
+    manifest = json.loads((folder / io_names.MANIFEST_FILE).read_text())
+    (folder / io_names.MANIFEST_FILE).write_text(json.dumps({**manifest, "pooling": 2}))
+    return folder
+
+
+def test_build_makes_paper_engines_with_their_profiles(tiny_onnx_with_pooling: Path, tmp_path: Path, monkeypatch) -> None:
+    # catches: paper graphs in the ONNX folder ignored by the build, their engines built with the image graph's
+    # profile, encoder feature shapes or pooling missing from the manifests (the runtime then refuses them)
+    from gsnet_deploy.contracts.engine_manifest import read_manifest
+    from gsnet_deploy.export.profiles import static_output_shapes
+
+    built = _fake_build_pipeline(monkeypatch, "10.3.0")
+    out = tmp_path / "engines"
+    result = build_engines(tiny_onnx_with_pooling, out, Precision.FP16, classes_opt=12)
+    assert set(result.engines) == set(Graph)
+    assert [p.name for p, _ in built] == [f"{g.value}.onnx" for g in Graph]  # weak typing: the FP32 graphs
+    encoder, head = read_manifest(out / "paper_encoder.engine"), read_manifest(out / "paper_head.engine")
+    assert {m.pooling for m in result.manifests.values()} == {2}
+    features = static_output_shapes(tiny_onnx_with_pooling / io_names.PAPER_ENCODER_FILE, io_names.PAPER_FEATURES)
+    assert dict(encoder.output_shapes) == features and len(features) == len(io_names.PAPER_FEATURES)
+    for name, shape in features.items():
+        assert head.profiles[0].shapes[name] == ShapeRange(shape, shape, shape)  # the head takes them as they are
+    assert head.profiles[0].values[io_names.OUT_SIZE].max == (2880, 2880)
+    assert encoder.profiles[0].shapes[io_names.PAPER_IMAGE].opt == (1, 3, 640, 960)
+    configs = {p.name: c for p, c in built}
+    assert configs["paper_head.onnx"].activation_resize and not configs["paper_encoder.onnx"].activation_resize
+    assert (out / "paper_head.engine").read_bytes() == b"plan:paper_head.onnx"
+
+
+@pytest.mark.parametrize("paper_qdq", [False, True])
+def test_int8_build_uses_paper_qdq_or_falls_back_to_fp16(
+    tiny_onnx_with_pooling: Path, tmp_path: Path, monkeypatch, paper_qdq: bool
+) -> None:
+    # catches: an INT8 build that fails (or builds the paper graphs from a Q/DQ model of another graph) when no
+    # INT8 paper graphs exist, that hides the FP16 fallback from the manifest, or that ignores Q/DQ paper graphs
+    import shutil
+
+    from gsnet_deploy.contracts.derived import INT8_FILE, write_sidecar
+    from gsnet_deploy.export.build import PAPER_FP16_NOTE
+
+    built = _fake_build_pipeline(monkeypatch, "10.3.0")
+    out = tmp_path / "engines"
+    out.mkdir()
+    digest = json.loads((tiny_onnx_with_pooling / io_names.MANIFEST_FILE).read_text())["model_digest"]
+    stand_ins = {io_names.IMAGE_GRAPH_FILE: INT8_FILE}  # copies stand in for `gsnet calib`'s Q/DQ models
+    if paper_qdq:
+        stand_ins.update({g.onnx_file: OnnxVariant.INT8.file_name(g) for g in (Graph.PAPER_ENCODER, Graph.PAPER_HEAD)})
+    for src, dst in stand_ins.items():
+        shutil.copy(tiny_onnx_with_pooling / src, out / dst)
+        write_sidecar(out / dst, {"model_digest": digest})
+    result = build_engines(tiny_onnx_with_pooling, out, Precision.INT8, classes_opt=12)
+    assert result.manifests[Graph.IMAGE].precision is Precision.INT8
+    flags = {p.name: c.flags for p, c in built}
+    for graph in (Graph.PAPER_ENCODER, Graph.PAPER_HEAD):
+        manifest = result.manifests[graph]
+        if paper_qdq:
+            assert manifest.precision is Precision.INT8 and PAPER_FP16_NOTE not in manifest.notes
+            assert manifest.onnx_file == OnnxVariant.INT8.file_name(graph) and flags[manifest.onnx_file].int8
+        else:
+            assert manifest.precision is Precision.FP16 and PAPER_FP16_NOTE in manifest.notes
+            assert manifest.onnx_file == graph.onnx_file and "BuilderFlag.FP16" in manifest.precision_path
+            assert flags[graph.onnx_file].fp16 and not flags[graph.onnx_file].int8
+    assert (PAPER_FP16_NOTE in result.notes) is not paper_qdq
+    assert flags[INT8_FILE].int8
+
+
+def test_paper_manifest_round_trip_and_older_manifests() -> None:
+    # catches: shape-tensor value ranges, the pooling or the encoder's feature shapes lost on their way to disk
+    # (the runtime then cannot check out_size or the head), and manifests written before them no longer read
+    from dataclasses import replace
+
+    from gsnet_deploy.contracts.engine_manifest import EngineManifest, Profile
+
+    head = Profile(
+        shapes={
+            io_names.TEXT_EMBEDS: ShapeRange((1, 512), (40, 512), (256, 512)),
+            io_names.OUT_SIZE: ShapeRange((2,), (2,), (2,)),
+        },
+        values={io_names.OUT_SIZE: ShapeRange((1, 1), (640, 960), (2880, 2880))},
+    )
+    manifest = replace(
+        _engine_manifest(_host(X86_H100)),
+        graph=Graph.PAPER_ENCODER, profiles=(head,), pooling=2, output_shapes={"clip_features": (5, 512, 24, 24)},
+    )  # fmt: skip
+    payload = json.loads(json.dumps(manifest.to_json()))
+    assert payload["profiles"][0][io_names.OUT_SIZE]["values"]["max"] == [2880, 2880]
+    assert EngineManifest.from_json(payload) == manifest
+    for key in ("pooling", "output_shapes"):
+        del payload[key]
+    del payload["profiles"][0][io_names.OUT_SIZE]["values"]
+    older = EngineManifest.from_json(payload)
+    assert older.pooling is None and dict(older.output_shapes) == {} and dict(older.profiles[0].values) == {}
+    with pytest.raises(EngineBuildError, match="static 1-D shape of 2 values"):
+        Profile(shapes={"x": ShapeRange((1,), (2,), (3,))}, values={"x": ShapeRange((1, 1), (2, 2), (3, 3))})

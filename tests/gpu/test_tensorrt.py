@@ -248,3 +248,47 @@ def test_paper_size_plugin_build_runs(paper_onnx_dir: Path, tmp_path: Path) -> N
     ref_logits = ref[io_names.LOGITS].astype(np.float64)
     rel = np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits)
     assert rel <= 0.05, f"paper-size FP16 + plugin: relative L2 {rel:.4f}"
+
+
+def test_paper_engines_match_onnxruntime(onnx_dir: Path, tmp_path: Path) -> None:
+    """paper_encoder.engine + paper_head.engine (FP16) against ONNX Runtime's paper graphs on the CPU: class maps
+    identical wherever FP16 rounding cannot flip the argmax, probabilities within FP16 tolerance; the combined
+    call (features kept on the GPU) equals the two runners; an output beyond the profile fails with one line."""
+    from gsnet_deploy.errors import BackendError
+    from gsnet_deploy.export.build import build_engines
+    from gsnet_deploy.export.check import run_onnx_cpu
+    from gsnet_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    if not (onnx_dir / io_names.PAPER_HEAD_FILE).is_file():
+        pytest.skip("this ONNX folder has no paper graphs")
+    out = tmp_path / "engines"
+    tokens = _tokens(40)
+    result = build_engines(onnx_dir, out, Precision.FP16, classes_opt=40, text_tokens=tokens)
+    assert (out / "paper_head.engine").is_file() and result.manifests
+    embeds_all = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
+    rng = np.random.default_rng(0)
+    cases = [((640, 960), 5, (512, 768)), ((640, 853), 40, (517, 689)), ((1707, 640), 1, (2000, 750)), ((40, 2560), 3, (5, 333))]
+    with TensorRTBackend(out) as backend:
+        for (h, w), classes, size in cases:
+            image = rng.integers(0, 256, size=(1, 3, h, w), dtype=np.uint8)
+            embeds = embeds_all[:classes]
+            features = run_onnx_cpu(onnx_dir / io_names.PAPER_ENCODER_FILE, {io_names.PAPER_IMAGE: image})
+            head_feeds = {**features, io_names.TEXT_EMBEDS: embeds, io_names.OUT_SIZE: np.array(size, dtype=np.int64)}
+            ref = run_onnx_cpu(onnx_dir / io_names.PAPER_HEAD_FILE, head_feeds)
+            ref_probs = ref[io_names.PROBS].astype(np.float64)  # [N, H, W]
+            got = backend.segment_paper(image, embeds, size, with_probs=True)
+            assert got[io_names.CLASS_MAP].shape == size and got[io_names.PROBS].shape == ref_probs.shape
+            np.testing.assert_allclose(got[io_names.PROBS], ref_probs, rtol=0, atol=2e-2)
+            top2 = np.sort(ref_probs, axis=0)[-2:] if classes > 1 else np.stack([np.zeros(size), ref_probs[0]])
+            safe = (top2[1] - top2[0]) > 4e-2  # FP16 cannot flip these pixels
+            np.testing.assert_array_equal(got[io_names.CLASS_MAP][safe], ref[io_names.CLASS_MAP][safe])
+            assert safe.mean() > 0.5, f"too few decided pixels to compare ({safe.mean():.2f})"
+            # the two host-array runners agree with the combined call
+            enc = backend.encoder.run({io_names.PAPER_IMAGE: image})
+            split = backend.head.run(
+                {**enc, io_names.TEXT_EMBEDS: embeds, io_names.OUT_SIZE: np.array(size)}, [io_names.CLASS_MAP]
+            )
+            np.testing.assert_array_equal(split[io_names.CLASS_MAP], got[io_names.CLASS_MAP])
+        with pytest.raises(BackendError, match=r"outside what paper_head\.engine takes") as info:
+            backend.segment_paper(image, embeds, (4000, 3000))
+        assert "\n" not in str(info.value)

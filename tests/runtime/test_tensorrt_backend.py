@@ -11,6 +11,7 @@ graph is tied to its context's state). The reference outputs are computed direct
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.engine_manifest import EngineManifest, Graph, HostInfo, Profile, ShapeRange, write_manifest
 from gsnet_deploy.contracts.precision import Precision
-from gsnet_deploy.errors import BackendError
+from gsnet_deploy.errors import BackendError, EngineBuildError
 from gsnet_deploy.runtime import tensorrt_backend as tb
 
 HOST = HostInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability=(8, 7))
@@ -344,3 +345,370 @@ def test_stream_handle_of_a_cuda_python_stream() -> None:
     # catches: a handle read the deprecated way that breaks where int(stream) goes away (cuda-bindings >= 12.9.1)
     cudart = pytest.importorskip("cuda.bindings.runtime")
     assert tb.stream_handle(cudart.cudaStream_t(1234)) == 1234
+
+
+# ---- the paper protocol engines (encoder + head) on the simulation ----
+#
+# The simulated encoder maps an image to small static features; the simulated head reads the features,
+# the text embeddings and the out_size shape tensor *from host memory* (as TensorRT reads shape tensors)
+# and writes probs [N, H, W] and the class map [H, W]. Every kernel checks that each address it touches
+# lies inside one allocation of the matching kind (device or pinned host), so an undersized or wrongly
+# placed buffer fails the test instead of corrupting memory.
+
+FEATURE_SHAPES = {name: (5, 2 + i, 3, 3) for i, name in enumerate(io_names.PAPER_FEATURES)}
+PAPER_OUT_MAX = (64, 80)
+
+
+def reference_features(image: np.ndarray) -> dict[str, np.ndarray]:
+    """features[k][v, c, i, j] = mean(image) * (k + 1) + v - c + 0.1 * (i + j), in float64."""
+    mean = float(image.astype(np.float64).mean())
+    out = {}
+    for k, (name, shape) in enumerate(FEATURE_SHAPES.items()):
+        v, c, i, j = np.indices(shape, dtype=np.float64)
+        out[name] = mean * (k + 1) + v - c + 0.1 * (i + j)
+    return out
+
+
+def reference_head(features: dict[str, np.ndarray], embeds: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """probs[n, y, x] = sin(sum of features + 3 * embeds[n, 0] + 0.37 y - 0.21 x + n), in float64."""
+    total = sum(float(f.astype(np.float64).sum()) for f in features.values())
+    n, y, x = np.indices((embeds.shape[0], *size), dtype=np.float64)
+    return np.sin(total * 1e-3 + 3.0 * embeds.astype(np.float64)[:, 0][:, None, None] + 0.37 * y - 0.21 * x + n)
+
+
+class PaperCudart(FakeCudart):
+    """FakeCudart that knows which allocations are device and which pinned host, and logs copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: dict[int, str] = {}
+        self.copies: list[tuple[int, int]] = []  # (kind, nbytes)
+        self.mallocs = 0
+
+    def cudaMalloc(self, nbytes: int) -> tuple[int, int]:
+        err, ptr = self._alloc(nbytes)
+        self.kinds[ptr] = "device"
+        self.mallocs += 1
+        return err, ptr
+
+    def cudaMallocHost(self, nbytes: int) -> tuple[int, int]:
+        err, ptr = self._alloc(nbytes)
+        self.kinds[ptr] = "host"
+        return err, ptr
+
+    def cudaFree(self, ptr: int) -> tuple[int]:
+        self.kinds.pop(ptr, None)
+        return super().cudaFree(ptr)
+
+    cudaFreeHost = cudaFree
+
+    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: int, stream: FakeStream) -> tuple[int]:
+        self.copies.append((kind, nbytes))
+        return super().cudaMemcpyAsync(dst, src, nbytes, kind, stream)
+
+    def inside(self, address: int, nbytes: int, kind: str) -> None:
+        for start, block in self.blocks.items():
+            if start <= address and address + nbytes <= start + block.nbytes:
+                assert self.kinds[start] == kind, f"{kind} data at a {self.kinds[start]} address"
+                return
+        raise AssertionError(f"{nbytes} bytes at {address:#x} lie outside every allocation")
+
+
+class PaperContext:
+    def __init__(self, engine: PaperEngine, strategy: Any) -> None:
+        self.engine, self.strategy = engine, strategy
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.device_memory: tuple[int, int] | None = None
+        self.executions = 0
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        r = self.engine.profile.shapes[name]
+        if len(shape) != len(r.min) or any(not lo <= d <= hi for d, lo, hi in zip(shape, r.min, r.max)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def out_size(self) -> tuple[int, int] | None:
+        """The out_size values, read from host memory as TensorRT does (None: unset or outside the profile)."""
+        if io_names.OUT_SIZE not in self.addresses:
+            return None
+        self.engine.cudart.inside(self.addresses[io_names.OUT_SIZE], 16, "host")
+        h, w = (int(v) for v in _view(self.addresses[io_names.OUT_SIZE], (2,), np.int64))
+        r = self.engine.profile.values[io_names.OUT_SIZE]
+        return (h, w) if r.min[0] <= h <= r.max[0] and r.min[1] <= w <= r.max[1] else None
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.engine.profile.shapes:
+            return self.shapes.get(name, (-1,))
+        if self.engine.graph is Graph.PAPER_ENCODER:
+            return FEATURE_SHAPES[name]
+        size = self.out_size()
+        if size is None or io_names.TEXT_EMBEDS not in self.shapes:
+            return (-1, -1) if name == io_names.CLASS_MAP else (-1, -1, -1)
+        return size if name == io_names.CLASS_MAP else (self.shapes[io_names.TEXT_EMBEDS][0], *size)
+
+    def update_device_memory_size_for_shapes(self) -> int:
+        n = self.shapes[io_names.TEXT_EMBEDS][0]
+        h, w = self.out_size() or (0, 0)
+        return 4 * n * h * w + 256
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        self.device_memory = (address, size)
+
+    def _read(self, name: str, dtype: Any) -> np.ndarray:
+        shape = self.shapes[name]
+        self.engine.cudart.inside(self.addresses[name], int(np.prod(shape)) * np.dtype(dtype).itemsize, "device")
+        return _view(self.addresses[name], shape, dtype)
+
+    def _write(self, name: str, value: np.ndarray) -> None:
+        self.engine.cudart.inside(self.addresses[name], value.nbytes, "device")
+        _view(self.addresses[name], value.shape, value.dtype)[...] = value
+
+    def execute_async_v3(self, handle: int) -> bool:
+        if set(self.shapes) != set(self.engine.profile.shapes):
+            return False
+        self.executions += 1
+        if self.engine.graph is Graph.PAPER_ENCODER:
+            for name, value in reference_features(self._read(io_names.PAPER_IMAGE, np.uint8)).items():
+                self._write(name, value.astype(np.float32))
+            return True
+        size = self.out_size()
+        if size is None:
+            return False
+        if self.strategy == "USER_MANAGED":
+            needed = self.update_device_memory_size_for_shapes()
+            assert self.device_memory is not None and self.device_memory[1] >= needed
+            self.engine.cudart.inside(self.device_memory[0], needed, "device")
+        features = {name: self._read(name, np.float32) for name in io_names.PAPER_FEATURES}
+        probs = reference_head(features, self._read(io_names.TEXT_EMBEDS, np.float32), size).astype(np.float32)
+        self._write(io_names.PROBS, probs)
+        self._write(io_names.CLASS_MAP, np.argmax(probs, axis=0).astype(np.int32))
+        return True
+
+
+class PaperEngine:
+    def __init__(self, graph: Graph, profile: Profile, cudart: PaperCudart) -> None:
+        self.graph, self.profile, self.cudart = graph, profile, cudart
+        self.contexts: list[PaperContext] = []
+        features = [(name, "FLOAT", graph is Graph.PAPER_HEAD) for name in io_names.PAPER_FEATURES]
+        if graph is Graph.PAPER_ENCODER:
+            self.io = [(io_names.PAPER_IMAGE, "UINT8", True), *features]
+        else:
+            self.io = [
+                *features, (io_names.TEXT_EMBEDS, "FLOAT", True), (io_names.OUT_SIZE, "INT64", True),
+                (io_names.CLASS_MAP, "INT32", False), (io_names.PROBS, "FLOAT", False),
+            ]  # fmt: skip
+        self.num_io_tensors = len(self.io)
+
+    get_tensor_name = FakeEngine.get_tensor_name
+    get_tensor_mode = FakeEngine.get_tensor_mode
+    get_tensor_dtype = FakeEngine.get_tensor_dtype
+
+    def is_shape_inference_io(self, name: str) -> bool:
+        return name == io_names.OUT_SIZE
+
+    def create_execution_context(self, strategy: Any = "STATIC") -> PaperContext:
+        context = PaperContext(self, strategy)
+        self.contexts.append(context)
+        return context
+
+
+def _paper_manifests(classes_max: int = 6, feature_shapes=None, pooling=(1, 1)) -> dict[Graph, EngineManifest]:
+    feature_shapes = FEATURE_SHAPES if feature_shapes is None else feature_shapes
+    encoder = Profile(shapes={io_names.PAPER_IMAGE: ShapeRange((1, 3, 1, 1), (1, 3, 8, 12), (1, 3, 2560, 2560))})
+    head = Profile(
+        shapes={
+            **{name: ShapeRange(shape, shape, shape) for name, shape in FEATURE_SHAPES.items()},
+            io_names.TEXT_EMBEDS: ShapeRange((1, 16), (3, 16), (classes_max, 16)),
+            io_names.OUT_SIZE: ShapeRange((2,), (2,), (2,)),
+        },
+        values={io_names.OUT_SIZE: ShapeRange((1, 1), (8, 12), PAPER_OUT_MAX)},
+    )
+    out = {}
+    for graph, profile, pool in ((Graph.PAPER_ENCODER, encoder, pooling[0]), (Graph.PAPER_HEAD, head, pooling[1])):
+        out[graph] = replace(
+            _manifest(graph, dict(profile.shapes), None),
+            profiles=(profile,),
+            pooling=pool,
+            output_shapes=feature_shapes if graph is Graph.PAPER_ENCODER else {},
+        )
+    return out
+
+
+@pytest.fixture
+def paper_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``make(paper=True, **manifest_kw)`` -> (backend, sim): text + image engines, and the paper engines if asked."""
+    cudart = PaperCudart()
+    monkeypatch.setattr(tb, "_cuda_runtime", lambda: cudart)
+    monkeypatch.setattr(tb.TensorRTBackend, "host_info", lambda self: HOST)
+    monkeypatch.setattr(tb, "stream_handle", id)
+
+    def make(paper: bool = True, **kw: Any):
+        image_shapes = {
+            io_names.IMAGES: ShapeRange((1, 3, 2 * HW, 2 * HW), (5, 3, 2 * HW, 2 * HW), (8, 3, 2 * HW, 2 * HW)),
+            io_names.TEXT_EMBEDS: ShapeRange((1, 16), (6, 16), (6, 16)),
+        }
+        text_shapes = {io_names.TEXT_TOKENS: ShapeRange((1, 77), (6, 77), (16, 77))}
+        manifests = {
+            Graph.IMAGE: replace(_manifest(Graph.IMAGE, image_shapes, None), pooling=1),
+            Graph.TEXT: replace(_manifest(Graph.TEXT, text_shapes, None), pooling=1),
+        }
+        if paper:
+            manifests.update(_paper_manifests(**kw))
+        engines: dict[bytes, Any] = {}
+        for graph, manifest in manifests.items():
+            write_manifest(manifest, tmp_path)
+            (tmp_path / graph.engine_file).write_bytes(graph.value.encode())
+            kind = PaperEngine if graph in (Graph.PAPER_ENCODER, Graph.PAPER_HEAD) else FakeEngine
+            engines[graph.value.encode()] = kind(graph, manifest.profiles[0], cudart)
+        runtime = FakeRuntime(engines)
+        trt = SimpleNamespace(
+            Runtime=lambda logger: runtime,
+            Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+            TensorIOMode=SimpleNamespace(INPUT="INPUT"),
+            ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+        )
+        monkeypatch.setattr(tb, "_import_tensorrt", lambda: trt)
+        return tb.TensorRTBackend(tmp_path), SimpleNamespace(cudart=cudart, engines=engines)
+
+    return make
+
+
+def _paper_inputs(rng: np.random.Generator, classes: int, hw: tuple[int, int] = (8, 12)) -> tuple[np.ndarray, np.ndarray]:
+    image = rng.integers(0, 256, size=(1, 3, *hw), dtype=np.uint8)
+    return image, rng.normal(size=(classes, 16)).astype(np.float32)
+
+
+H2D, D2H = FakeCudart.cudaMemcpyKind.cudaMemcpyHostToDevice, FakeCudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+
+
+@pytest.mark.parametrize("with_probs", [False, True])
+def test_segment_paper_keeps_features_on_the_device(paper_backend, rng: np.random.Generator, with_probs: bool) -> None:
+    # catches: features copied device -> host -> device between the engines (7 D2H + 7 H2D more), and
+    # probabilities [N, H, W] copied back when only the class map was asked for
+    backend, sim = paper_backend()
+    image, embeds = _paper_inputs(rng, 4)
+    with backend:
+        sim.cudart.copies.clear()
+        out = backend.segment_paper(image, embeds, (21, 34), with_probs=with_probs)
+    expected = reference_head(reference_features(image), embeds, (21, 34))  # float64, from the image
+    np.testing.assert_array_equal(out[io_names.CLASS_MAP], np.argmax(expected, axis=0))
+    assert out[io_names.CLASS_MAP].dtype == np.uint8  # runtime.protocol.host_class_map for N <= 255
+    h2d = [n for kind, n in sim.cudart.copies if kind == H2D]
+    d2h = [n for kind, n in sim.cudart.copies if kind == D2H]
+    assert sorted(h2d) == sorted([image.nbytes, embeds.nbytes])  # out_size is a host shape tensor: no copy
+    assert d2h == [21 * 34 * 4] + ([4 * 21 * 34 * 4] if with_probs else [])
+    assert (io_names.PROBS in out) is with_probs
+    if with_probs:
+        np.testing.assert_allclose(out[io_names.PROBS], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_out_size_is_a_host_shape_tensor_checked_before_running(paper_backend, rng: np.random.Generator) -> None:
+    # catches: out_size bound to device memory (TensorRT reads shape tensors from the host), and an output
+    # size beyond the profile's value range sent to TensorRT (a vague enqueue failure) instead of one line
+    backend, sim = paper_backend()
+    image, embeds = _paper_inputs(rng, 3)
+    with backend:
+        backend.segment_paper(image, embeds, (5, 7))
+        head = sim.engines[b"paper_head"].contexts[0]
+        sim.cudart.inside(head.addresses[io_names.OUT_SIZE], 16, "host")
+        assert head.out_size() == (5, 7)
+        runs = head.executions
+        sim.cudart.copies.clear()
+        with pytest.raises(BackendError, match=r"out_size 65x80 is outside .* \(up to 64x80\)") as info:
+            backend.segment_paper(image, embeds, (65, 80))
+        assert "\n" not in str(info.value)
+        assert head.executions == runs and sim.engines[b"paper_encoder"].contexts[0].executions == 1
+        assert sim.cudart.copies == []  # refused before any work
+
+
+def test_paper_outputs_sized_per_call_and_grow_only(paper_backend, rng: np.random.Generator) -> None:
+    # catches: output buffers sized for the first call (a larger N x H x W then overflows them), buffers
+    # reallocated on every call, and activation memory not sized for the call's shapes
+    backend, sim = paper_backend()
+    calls = [(3, (6, 9)), (6, (40, 50)), (2, (10, 10)), (6, (40, 50))]
+    with backend:
+        for i, (classes, size) in enumerate(calls):
+            image, embeds = _paper_inputs(rng, classes)
+            before = sim.cudart.mallocs
+            out = backend.segment_paper(image, embeds, size, with_probs=True)
+            expected = reference_head(reference_features(image), embeds, size)
+            np.testing.assert_allclose(out[io_names.PROBS], expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(out[io_names.CLASS_MAP], np.argmax(expected, axis=0))
+            if i >= 2:  # smaller or equal to what was already held: nothing new
+                assert sim.cudart.mallocs == before
+        head = backend.head
+        assert head.buffers[io_names.PROBS].nbytes == 4 * 6 * 40 * 50
+        assert sim.engines[b"paper_head"].contexts[0].strategy == "USER_MANAGED"
+
+
+def test_head_runner_from_host_features(paper_backend, rng: np.random.Generator) -> None:
+    # catches: the host-array head runner (re-query of cached features) binding out_size or features wrongly,
+    # or copying probabilities that were not asked for
+    backend, sim = paper_backend()
+    image, embeds = _paper_inputs(rng, 5)
+    with backend:
+        features = backend.encoder.run({io_names.PAPER_IMAGE: image})
+        for name, value in reference_features(image).items():
+            np.testing.assert_allclose(features[name], value, rtol=1e-6)
+        sim.cudart.copies.clear()
+        feeds = {**features, io_names.TEXT_EMBEDS: embeds, io_names.OUT_SIZE: np.array([9, 13], dtype=np.int64)}
+        out = backend.head.run(feeds, outputs=[io_names.CLASS_MAP])
+    assert set(out) == {io_names.CLASS_MAP} and [k for k, _ in sim.cudart.copies].count(D2H) == 1
+    np.testing.assert_array_equal(out[io_names.CLASS_MAP], np.argmax(reference_head(features, embeds, (9, 13)), axis=0))
+
+
+def test_manifests_refuse_a_head_that_cannot_take_the_encoders_features(paper_backend) -> None:
+    # catches: a head engine built from another export (feature shapes differ) accepted, its device inputs
+    # then bound to buffers of another size
+    other = {**FEATURE_SHAPES, io_names.PAPER_FEATURES[2]: (5, 99, 3, 3)}
+    with pytest.raises(EngineBuildError, match=r"paper_head.engine cannot take paper_encoder.engine's feature 'appearance_"):
+        paper_backend(feature_shapes=other)
+
+
+def test_pooling_is_answered_and_mismatches_refused(paper_backend) -> None:
+    # catches: the TensorRT backend unable to say its pooling (Segmenter then cannot refuse foreign features),
+    # and engines of two poolings mixed in one folder
+    backend, _ = paper_backend(pooling=(1, 1))
+    assert backend.manifest.pooling == 1
+    with pytest.raises(EngineBuildError, match="different poolings"):
+        paper_backend(pooling=(1, 2))
+
+
+def test_engines_without_paper_graphs_still_work(paper_backend, rng: np.random.Generator) -> None:
+    # catches: engines built before the paper graphs refused outright (the orchestrator falls back to the
+    # numpy protocol around the image engine when `encoder` raises a BackendError, a GSNetError)
+    backend, _ = paper_backend(paper=False)
+    assert set(backend.manifests) == {Graph.TEXT, Graph.IMAGE}
+    images, embeds = _feeds(rng, 5, 3)
+    with backend:
+        for runner in ("encoder", "head"):
+            with pytest.raises(BackendError, match="built before the paper protocol graphs"):
+                getattr(backend, runner)
+        logits = backend.image.run({io_names.IMAGES: images, io_names.TEXT_EMBEDS: embeds})[io_names.LOGITS]
+    np.testing.assert_allclose(logits, reference_image(images, embeds), rtol=1e-6, atol=1e-4)
+
+
+def test_predict_paper_runs_the_combined_engines(paper_backend, rng: np.random.Generator) -> None:
+    # catches: the orchestrator not finding the TensorRT backend's device path (the numpy protocol then runs
+    # around the image engine and every feature and probability crosses to the host)
+    from gsnet_deploy.runtime.protocol import resize_shortest_edge
+    from gsnet_deploy.runtime.segment import predict_paper
+
+    backend, sim = paper_backend()
+    rgb = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    embeds = rng.normal(size=(3, 16)).astype(np.float32)
+    with backend:
+        sim.cudart.copies.clear()
+        class_map, probs = predict_paper(backend, rgb, embeds, want_probs=False)
+    assert probs is None
+    image = resize_shortest_edge(rgb).transpose(2, 0, 1)[None]  # [1, 3, 640, 960]
+    expected = reference_head(reference_features(image), embeds, (20, 30))
+    np.testing.assert_array_equal(class_map, np.argmax(expected, axis=0))
+    assert [n for k, n in sim.cudart.copies if k == D2H] == [20 * 30 * 4]  # the int32 class map, nothing else
+    assert sim.engines[b"paper_head"].contexts[0].executions == 1
