@@ -152,6 +152,11 @@ PAPER_FP16_NOTE = (
 )
 
 
+SIZE_MATH_NOTE = (
+    "{count} layers computing resize coordinates from sizes alone kept in FP32 by precision constraints (weakly typed FP16 build)"
+)
+
+
 def paper_plan(path: BuildPath, fp16_path: BuildPath, int8_ready: bool) -> tuple[GraphPlan, bool]:
     """The paper graphs' plan: the image graph's, or its FP16 plan when INT8 needs Q/DQ paper graphs that do not exist.
 
@@ -333,22 +338,23 @@ def build_engines(
         graph_dims = dims if graph is Graph.IMAGE else paper_dims if graph in PAPER_GRAPHS else text_dims
         profile = profile_for(onnx_input_shapes(src), graph_dims)
         engine_path = out_dir / graph.engine_file
+        config = BuildConfig(
+            plan.flags,
+            profiles=[profile],
+            workspace_gib=workspace_gib,
+            timing_cache=out_dir / TIMING_CACHE_FILE,
+            dla_core=dla if graph is Graph.IMAGE else None,
+            hardware_compatible=hardware_compatible,
+            version_compatible=version_compatible,
+            activation_resize=graph is Graph.PAPER_HEAD,
+            size_math_fp32=graph in PAPER_GRAPHS,  # resize coordinates up to 2880 px: FP16 misplaces them
+        )
         SaveEngine(
-            EngineFromNetwork(
-                NetworkFromOnnx(src, strongly_typed=plan.flags.strongly_typed, plugin_hook=hook),
-                BuildConfig(
-                    plan.flags,
-                    profiles=[profile],
-                    workspace_gib=workspace_gib,
-                    timing_cache=out_dir / TIMING_CACHE_FILE,
-                    dla_core=dla if graph is Graph.IMAGE else None,
-                    hardware_compatible=hardware_compatible,
-                    version_compatible=version_compatible,
-                    activation_resize=graph is Graph.PAPER_HEAD,
-                ),
-            ),
+            EngineFromNetwork(NetworkFromOnnx(src, strongly_typed=plan.flags.strongly_typed, plugin_hook=hook), config),
             engine_path,
         )()
+        if config.pinned_layers:
+            graph_notes = (*graph_notes, SIZE_MATH_NOTE.format(count=config.pinned_layers))
         manifest = EngineManifest(
             graph=graph,
             engine_file=graph.engine_file,

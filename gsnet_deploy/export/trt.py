@@ -20,7 +20,7 @@ against ``tensorrt-stubs``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -146,6 +146,65 @@ class NetworkFromOnnx:
         return ParsedNetwork(builder=builder, network=network, parser=parser, logger=logger)
 
 
+def size_math_layers(network: trt.INetworkDefinition, shape_inputs: Collection[str]) -> list[trt.ILayer]:
+    """Layers of ``network`` that compute from sizes alone: never from the data of a tensor.
+
+    A size is a shape-tensor input (``shape_inputs``, e.g. the paper head's ``out_size``) or the
+    output of an ``IShapeLayer`` (which reads only its input's dimensions); constants are neutral. A
+    layer whose inputs are all sizes or constants, at least one a size, computes sizes too: the
+    paper graphs' resize coordinates ``(dst + 0.5) * in / out - 0.5``, their floors and weights.
+    The network's layers are visited in order (the ONNX parser adds them in topological order).
+    """
+    import tensorrt as trt
+
+    sizes = set(shape_inputs)
+    constants: set[str] = set()
+    found: list[trt.ILayer] = []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        inputs = [t.name for t in (layer.get_input(i) for i in range(layer.num_inputs)) if t is not None]
+        outputs = {layer.get_output(i).name for i in range(layer.num_outputs)}
+        if layer.type == trt.LayerType.SHAPE:
+            sizes |= outputs
+        elif layer.type == trt.LayerType.CONSTANT or all(name in constants for name in inputs):
+            constants |= outputs
+        elif all(name in sizes or name in constants for name in inputs):
+            sizes |= outputs
+            found.append(layer)
+    return found
+
+
+def pin_size_math_fp32(layers: Sequence[trt.ILayer]) -> int:
+    """Constrain the float arithmetic of ``layers`` (from ``size_math_layers``) to FP32; returns how many were pinned.
+
+    With ``BuilderFlag.FP16`` a weakly typed build may run any layer in FP16 (ILayer::setPrecision,
+    TensorRT 10.x), whose integers are exact only to 2048 and whose spacing near 2880 is 2: resize
+    coordinates would land on the wrong pixel and their fractional weights would round to 0 or 1.
+    A layer with a float input gets ``precision`` FP32, each float output that is an execution
+    tensor ``set_output_type`` FP32; pure shape computations (host) and integer layers are left
+    alone. The constraints bind only with ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS`` (or PREFER).
+    """
+    import tensorrt as trt
+
+    fp32 = trt.DataType.FLOAT
+    pinned = 0
+    for layer in layers:
+        inputs = [t for t in (layer.get_input(i) for i in range(layer.num_inputs)) if t is not None]
+        outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
+        if not any(t.is_execution_tensor for t in outputs):
+            continue  # computed on the host for shapes only, in its own type
+        float_in = any(t.dtype == fp32 for t in inputs)
+        float_out = [i for i, t in enumerate(outputs) if t.dtype == fp32 and t.is_execution_tensor]
+        if not float_in and not float_out:
+            continue  # integer index arithmetic: exact in any mode
+        if float_in:
+            layer.precision = fp32
+        for i in float_out:
+            layer.set_output_type(i, fp32)
+        pinned += 1
+    return pinned
+
+
 class BuildConfig:
     """Builder configuration: precision flags, profiles, workspace, timing cache, DLA and compatibility."""
 
@@ -160,6 +219,7 @@ class BuildConfig:
         hardware_compatible: bool = False,
         version_compatible: bool = False,
         activation_resize: bool = False,
+        size_math_fp32: bool = False,
     ) -> None:
         """Record the arguments.
 
@@ -177,6 +237,9 @@ class BuildConfig:
                 (``PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10``, TensorRT >= 10.10; ignored where
                 absent): the paper head's ``[N, H, W]`` tensors at the profile maximum would otherwise
                 reserve gigabytes for every run.
+            size_math_fp32: with ``BuilderFlag.FP16`` (weak typing), keep the arithmetic computed from
+                sizes alone (the paper graphs' resize coordinates, up to 2880) in FP32 with layer
+                precision constraints (``pin_size_math_fp32``); ``pinned_layers`` then says how many.
 
         """
         if not profiles:
@@ -189,6 +252,8 @@ class BuildConfig:
         self.hardware_compatible = hardware_compatible
         self.version_compatible = version_compatible
         self.activation_resize = activation_resize
+        self.size_math_fp32 = size_math_fp32
+        self.pinned_layers: int | None = None  # set by __call__ where size_math_fp32 applies
 
     def __call__(self, parsed: ParsedNetwork) -> trt.IBuilderConfig:
         """Create the ``IBuilderConfig`` for ``parsed``'s builder."""
@@ -201,6 +266,14 @@ class BuildConfig:
             config.set_flag(trt.BuilderFlag.FP16)
         if self.flags.int8:
             config.set_flag(trt.BuilderFlag.INT8)
+        if self.size_math_fp32 and self.flags.fp16:
+            shape_inputs = {name for profile in self.profiles for name in profile.values}
+            self.pinned_layers = pin_size_math_fp32(size_math_layers(parsed.network, shape_inputs))
+            if self.pinned_layers:
+                # NOTE: OBEY fails the build rather than run a pinned layer in FP16. With INT8 too, PREFER:
+                # the ONNX parser also constrains weakly typed Q/DQ layers, and those must stay hints.
+                flag = trt.BuilderFlag
+                config.set_flag(flag.PREFER_PRECISION_CONSTRAINTS if self.flags.int8 else flag.OBEY_PRECISION_CONSTRAINTS)
         if self.workspace_gib is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * GIB))
         for profile in self.profiles:
@@ -208,6 +281,8 @@ class BuildConfig:
             for name, shape in profile.shapes.items():
                 if name in profile.values:
                     # a shape tensor (values set output shapes): its values get the range, its shape is static
+                    # (set_shape is optional for static shapes). Python name in 10.x and 11.x alike; int32
+                    # values (setShapeValues) up to 10.10, int64 (setShapeValuesV2) from 10.11 on.
                     values = profile.values[name]
                     opt_profile.set_shape_input(name, list(values.min), list(values.opt), list(values.max))
                     continue

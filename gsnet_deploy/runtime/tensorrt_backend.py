@@ -427,7 +427,7 @@ class _PaperRunner:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     dtypes: dict[str, np.dtype[Any]]
-    shape_inputs: tuple[str, ...]
+    host_inputs: tuple[str, ...]
     user_memory: bool
     buffers: dict[str, _GrowBuffer] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -456,7 +456,7 @@ class _PaperRunner:
     def bind_host(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Stage host inputs: shape tensors into pinned host memory, the others onto the device (async H2D)."""
         h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        for name in self.shape_inputs:
+        for name in self.host_inputs:
             if name in feeds:
                 self.check_shape_values(name, np.asarray(feeds[name]).reshape(-1))
         for name, value in feeds.items():
@@ -464,8 +464,10 @@ class _PaperRunner:
             buf = self._buffer(name)
             buf.ensure(array.nbytes)
             buf.host_view(array.shape, array.dtype)[...] = array
-            if name in self.shape_inputs:
-                # NOTE: TensorRT reads shape tensors from host memory; the pinned buffer outlives the call
+            if name in self.host_inputs:
+                # NOTE: a kHOST tensor (the shape tensor out_size) takes a host pointer: TensorRT reads it to
+                # resolve output shapes and copies the values at enqueue, also to the device where the graph
+                # computes with them (cast to float for the resize scale). Rewritten only after a sync.
                 self.context.set_tensor_address(name, buf.host_ptr)
             else:
                 _check(
@@ -498,9 +500,18 @@ class _PaperRunner:
             self.context.set_tensor_address(name, buf.device_ptr)
         if self.user_memory:
             assert self.scratch is not None
-            size = int(self.context.update_device_memory_size_for_shapes())  # for these shapes (TensorRT >= 10.1)
+            size = int(self.context.update_device_memory_size_for_shapes())  # for these shapes (TensorRT >= 10.0)
+            if size <= 0:  # TensorRT's answer when it cannot size the memory (IExecutionContext docs)
+                raise BackendError(
+                    f"TensorRT could not size the activation memory of {self.manifest.engine_file} for shapes "
+                    f"{[self.shapes[n] for n in self.inputs]}; see the TensorRT log."
+                )
             self.scratch.ensure(size)
-            self.context.set_device_memory(self.scratch.device_ptr, self.scratch.nbytes)
+            set_memory = getattr(self.context, "set_device_memory", None)  # (ptr, size): Python API >= 10.1
+            if set_memory is not None:
+                set_memory(self.scratch.device_ptr, self.scratch.nbytes)
+            else:  # TensorRT 10.0: only the deprecated `device_memory` setter (pointer alone)
+                self.context.device_memory = self.scratch.device_ptr
         if not self.context.execute_async_v3(stream_handle(self.stream)):
             raise BackendError(f"TensorRT failed to enqueue {self.manifest.engine_file}; see the TensorRT log.")
         self.shapes.update({name: shape for name, shape in out_shapes.items()})
@@ -790,14 +801,14 @@ class TensorRTBackend:
             context = engine.create_execution_context()
         inputs: list[str] = []
         outputs: list[str] = []
-        shape_inputs: list[str] = []
+        host_inputs: list[str] = []
         dtypes: dict[str, np.dtype[Any]] = {}
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (inputs if is_input else outputs).append(name)
-            if is_input and engine.is_shape_inference_io(name):
-                shape_inputs.append(name)
+            if is_input and engine.get_tensor_location(name) == trt.TensorLocation.HOST:
+                host_inputs.append(name)  # setTensorAddress takes a host pointer for a kHOST tensor
             dtypes[name] = np.dtype(_NP_DTYPES[engine.get_tensor_dtype(name).name])
         cudart = _cuda_runtime()
         return _PaperRunner(
@@ -809,7 +820,7 @@ class TensorRTBackend:
             inputs=tuple(inputs),
             outputs=tuple(outputs),
             dtypes=dtypes,
-            shape_inputs=tuple(shape_inputs),
+            host_inputs=tuple(host_inputs),
             user_memory=user_memory,
             scratch=_GrowBuffer(cudart) if user_memory else None,
         )

@@ -449,6 +449,7 @@ def test_build_makes_paper_engines_with_their_profiles(tiny_onnx_with_pooling: P
     assert encoder.profiles[0].shapes[io_names.PAPER_IMAGE].opt == (1, 3, 640, 960)
     configs = {p.name: c for p, c in built}
     assert configs["paper_head.onnx"].activation_resize and not configs["paper_encoder.onnx"].activation_resize
+    assert {name for name, c in configs.items() if c.size_math_fp32} == {"paper_encoder.onnx", "paper_head.onnx"}
     assert (out / "paper_head.engine").read_bytes() == b"plan:paper_head.onnx"
 
 
@@ -517,3 +518,171 @@ def test_paper_manifest_round_trip_and_older_manifests() -> None:
     assert older.pooling is None and dict(older.output_shapes) == {} and dict(older.profiles[0].values) == {}
     with pytest.raises(EngineBuildError, match="static 1-D shape of 2 values"):
         Profile(shapes={"x": ShapeRange((1,), (2,), (3,))}, values={"x": ShapeRange((1, 1), (2, 2), (3, 3))})
+
+
+# ---- weakly typed FP16: the paper graphs' size arithmetic (resize coordinates) pinned to FP32 ----
+#
+# The reference is independent of the layer analysis: ONNX Runtime runs the graph three times, twice with
+# other data at the same sizes and once at other sizes. A float tensor that stays the same when the data
+# changes but not when the sizes change is resize arithmetic and must be pinned; one that changes with the
+# data is the model's work and must stay free (FP16 there is the point of the build).
+
+
+def _onnx_as_network(model: onnx.ModelProto, dtypes: dict[str, str]):
+    """A stand-in INetworkDefinition of ``model``: one layer per node, a constant layer per initializer."""
+    from types import SimpleNamespace
+
+    class Layer:
+        def __init__(self, name: str, kind: str, inputs: list, outputs: list) -> None:
+            self.name, self.type, self._in, self._out = name, kind, inputs, outputs
+            self.num_inputs, self.num_outputs = len(inputs), len(outputs)
+            self.precision: str | None = None
+            self.output_types: dict[int, str] = {}
+
+        def get_input(self, i: int):
+            return self._in[i]
+
+        def get_output(self, i: int):
+            return self._out[i]
+
+        def set_output_type(self, i: int, dtype: str) -> None:
+            self.output_types[i] = dtype
+
+    tensors: dict[str, object] = {}
+
+    def tensor(name: str):
+        if name not in tensors:
+            tensors[name] = SimpleNamespace(name=name, dtype=dtypes.get(name, "INT64"), is_execution_tensor=True)
+        return tensors[name]
+
+    layers = [Layer(f"const {w.name}", "CONSTANT", [], [tensor(w.name)]) for w in model.graph.initializer]
+    for node in model.graph.node:
+        kind = {"Shape": "SHAPE", "Constant": "CONSTANT"}.get(node.op_type, node.op_type)
+        inputs = [tensor(n) if n else None for n in node.input]
+        layers.append(Layer(node.name, kind, inputs, [tensor(n) for n in node.output]))
+    return SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__), layers
+
+
+def _run_every_tensor(model: onnx.ModelProto, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    every = onnx.ModelProto()
+    every.CopyFrom(model)
+    known = {o.name for o in every.graph.output}
+    for node in every.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                every.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    session = ort.InferenceSession(every.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+@pytest.mark.parametrize("graph", [Graph.PAPER_HEAD, Graph.PAPER_ENCODER])
+def test_fp16_build_pins_exactly_the_resize_arithmetic(tiny_onnx_dir: Path, monkeypatch, graph: Graph) -> None:
+    # catches: resize coordinates (up to 2880, spacing 2 in FP16) left to FP16 in a weakly typed build (the
+    # output lands on wrong pixels, weights round to 0 or 1), e.g. the Range / Fill of the output indices or
+    # the coordinates of the encoder's image size missed; and model layers pinned to FP32 by mistake
+    import sys
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gsnet_deploy.export.trt import pin_size_math_fp32, size_math_layers
+
+    model = onnx.load(str(tiny_onnx_dir / graph.onnx_file))
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+    def feeds(seed: int, size: tuple[int, int]) -> dict:
+        rng = np.random.default_rng(seed)
+        if graph is Graph.PAPER_ENCODER:
+            return {io_names.PAPER_IMAGE: rng.integers(0, 256, size=(1, 3, *size), dtype=np.uint8)}
+        out = {name: rng.normal(size=dims).astype(np.float32) for name, dims in inputs.items() if all(dims)}
+        return {**out, io_names.TEXT_EMBEDS: rng.normal(size=(3, inputs[io_names.TEXT_EMBEDS][1])).astype(np.float32),
+                io_names.OUT_SIZE: np.array(size, dtype=np.int64)}  # fmt: skip
+
+    runs = ((1, (37, 53)), (2, (37, 53)), (1, (41, 29)))  # (data seed, sizes): base, other data, other sizes
+    base, other_data, other_size = (_run_every_tensor(model, feeds(seed, hw)) for seed, hw in runs)
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        return a.shape == b.shape and np.array_equal(a, b)
+
+    floats = {name for name, value in base.items() if value.dtype == np.float32}
+    must = {n for n in floats if same(base[n], other_data[n]) and not same(base[n], other_size[n])}
+    must_not = {n for n in floats if not same(base[n], other_data[n])}
+    assert len(must) >= 20 and must_not  # the graph has both kinds (a vacuous test otherwise)
+
+    float32 = onnx.TensorProto.FLOAT
+    dtypes = {name: "FLOAT" for name in floats} | {
+        i.name: "FLOAT" for i in model.graph.input if i.type.tensor_type.elem_type == float32
+    }
+    dtypes |= {w.name: "FLOAT" for w in model.graph.initializer if w.data_type == float32}
+    network, layers = _onnx_as_network(model, dtypes)
+    trt = SimpleNamespace(DataType=SimpleNamespace(FLOAT="FLOAT"), LayerType=SimpleNamespace(SHAPE="SHAPE", CONSTANT="CONSTANT"))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    shape_inputs = {io_names.OUT_SIZE} if graph is Graph.PAPER_HEAD else set()
+    count = pin_size_math_fp32(size_math_layers(network, shape_inputs))
+    pinned_outputs = {layer.get_output(i).name for layer in layers for i in layer.output_types}
+    assert must <= pinned_outputs, sorted(must - pinned_outputs)
+    assert not must_not & {layer.get_output(i).name for layer in layers if layer.precision for i in range(layer.num_outputs)}
+    assert not must_not & pinned_outputs
+    assert {t for layer in layers for t in (layer.precision, *layer.output_types.values()) if t} == {"FLOAT"}
+    assert count == sum(1 for layer in layers if layer.precision or layer.output_types)
+
+
+@pytest.mark.parametrize(
+    ("flags", "asked", "flag"),
+    [
+        (BuildFlags(False, fp16=True), True, "OBEY"),
+        (BuildFlags(False, fp16=True, int8=True), True, "PREFER"),  # the parser's Q/DQ constraints stay hints
+        (BuildFlags(False, fp16=True), False, None),  # text and image graphs: untouched
+        (BuildFlags(False, int8=True), True, None),  # no FP16 flag: nothing runs in FP16 unasked
+        (BuildFlags(True), True, None),  # strongly typed: the ONNX types decide (AutoCast kept them FP32)
+    ],
+)
+def test_size_math_constraints_bind_only_in_weak_fp16_builds(monkeypatch, flags: BuildFlags, asked: bool, flag) -> None:
+    # catches: precision constraints set without OBEY/PREFER (TensorRT then treats them as hints and may still
+    # pick FP16), OBEY on a Q/DQ build, and setPrecision on strongly typed networks (which reject it)
+    import sys
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gsnet_deploy.export import trt as trt_loaders
+
+    trt, parsed = _fake_tensorrt(True)
+    set_flags: list[object] = []
+    parsed.builder.create_builder_config.set_flag = lambda self, f: set_flags.append(f)
+    trt.BuilderFlag = SimpleNamespace(
+        FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY", PREFER_PRECISION_CONSTRAINTS="PREFER"
+    )
+    trt.DataType = SimpleNamespace(FLOAT="FLOAT")
+    trt.LayerType = SimpleNamespace(SHAPE="SHAPE", CONSTANT="CONSTANT")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_loaders, "import_tensorrt", lambda: trt)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Shape", ["x"], ["hw"], name="shape"),
+            onnx.helper.make_node("Cast", ["hw"], ["hw_f"], name="cast", to=1),
+            onnx.helper.make_node("Mul", ["hw_f", "half"], ["coord"], name="coord"),
+            onnx.helper.make_node("Mul", ["x", "half"], ["y"], name="data"),
+        ],
+        "g",
+        [],
+        [],
+        [onnx.numpy_helper.from_array(np.float32([0.5]), "half")],
+    )
+    network, layers = _onnx_as_network(onnx.helper.make_model(graph), {n: "FLOAT" for n in ("x", "hw_f", "coord", "y", "half")})
+    parsed.network = network
+    config = BuildConfig(flags, profiles=[profile_for({"x": ("B", 3)}, {"B": DimRange(1, 2, 4)})], size_math_fp32=asked)
+    config(parsed)
+    by_name = {layer.name: layer for layer in layers}
+    assert ("OBEY" in set_flags, "PREFER" in set_flags) == (flag == "OBEY", flag == "PREFER")
+    if flag is None:
+        assert config.pinned_layers in (None, 0) and not any(layer.precision or layer.output_types for layer in layers)
+    else:
+        assert (
+            config.pinned_layers == 2 and by_name["coord"].precision == "FLOAT" and by_name["cast"].output_types == {0: "FLOAT"}
+        )
+        assert by_name["data"].precision is None and by_name["cast"].precision is None  # an int -> float cast: output only

@@ -265,6 +265,20 @@ def test_paper_engines_match_onnxruntime(onnx_dir: Path, tmp_path: Path) -> None
     tokens = _tokens(40)
     result = build_engines(onnx_dir, out, Precision.FP16, classes_opt=40, text_tokens=tokens)
     assert (out / "paper_head.engine").is_file() and result.manifests
+    import tensorrt as trt
+
+    from gsnet_deploy.export.build import SIZE_MATH_NOTE
+    from gsnet_deploy.export.version_policy import STRONG_TYPING_MIN
+
+    weak = tuple(int(p) for p in trt.__version__.split(".")[:2]) < STRONG_TYPING_MIN
+    for graph in (g for g in result.manifests if g.value.startswith("paper_")):  # FP16 resize coordinates pinned
+        pinned = [n for n in result.manifests[graph].notes if n.endswith(SIZE_MATH_NOTE.split("}", 1)[1])]
+        assert bool(pinned) is weak, (graph, result.manifests[graph].notes)
+    head_engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine((out / "paper_head.engine").read_bytes())
+    # out_size: a host shape tensor that is also computed with (cast to float for the resize scale)
+    assert head_engine.get_tensor_location(io_names.OUT_SIZE) == trt.TensorLocation.HOST
+    assert head_engine.is_shape_inference_io(io_names.OUT_SIZE)
+    assert head_engine.get_tensor_dtype(io_names.OUT_SIZE) == trt.DataType.INT64
     embeds_all = run_onnx_cpu(onnx_dir / io_names.TEXT_GRAPH_FILE, {io_names.TEXT_TOKENS: tokens})[io_names.TEXT_EMBEDS]
     rng = np.random.default_rng(0)
     cases = [((640, 960), 5, (512, 768)), ((640, 853), 40, (517, 689)), ((1707, 640), 1, (2000, 750)), ((40, 2560), 3, (5, 333))]

@@ -492,8 +492,9 @@ class PaperContext:
 
 
 class PaperEngine:
-    def __init__(self, graph: Graph, profile: Profile, cudart: PaperCudart) -> None:
+    def __init__(self, graph: Graph, profile: Profile, cudart: PaperCudart, legacy_memory_api: bool = False) -> None:
         self.graph, self.profile, self.cudart = graph, profile, cudart
+        self.legacy_memory_api = legacy_memory_api
         self.contexts: list[PaperContext] = []
         features = [(name, "FLOAT", graph is Graph.PAPER_HEAD) for name in io_names.PAPER_FEATURES]
         if graph is Graph.PAPER_ENCODER:
@@ -509,13 +510,30 @@ class PaperEngine:
     get_tensor_mode = FakeEngine.get_tensor_mode
     get_tensor_dtype = FakeEngine.get_tensor_dtype
 
-    def is_shape_inference_io(self, name: str) -> bool:
-        return name == io_names.OUT_SIZE
+    def get_tensor_location(self, name: str) -> str:
+        """kHOST for the shape tensor out_size (as TensorRT places shape-tensor inputs), kDEVICE otherwise."""
+        return "HOST" if name == io_names.OUT_SIZE else "DEVICE"
 
     def create_execution_context(self, strategy: Any = "STATIC") -> PaperContext:
-        context = PaperContext(self, strategy)
+        context = (PaperContext100 if self.legacy_memory_api else PaperContext)(self, strategy)
         self.contexts.append(context)
         return context
+
+
+class PaperContext100(PaperContext):
+    """TensorRT 10.0's Python context: no ``set_device_memory(ptr, size)``, only the ``device_memory`` setter."""
+
+    @property
+    def set_device_memory(self) -> Any:  # type: ignore[override]
+        raise AttributeError("set_device_memory")  # absent before 10.1
+
+    def _set_memory(self, address: int | None) -> None:
+        if address is None:  # PaperContext.__init__
+            return
+        block = self.engine.cudart.blocks[address]  # TensorRT trusts the pointer; the simulation knows its size
+        self._memory = (address, block.nbytes)
+
+    device_memory = property(lambda self: getattr(self, "_memory", None), _set_memory)  # type: ignore[assignment]
 
 
 def _paper_manifests(classes_max: int = 6, feature_shapes=None, pooling=(1, 1)) -> dict[Graph, EngineManifest]:
@@ -548,7 +566,7 @@ def paper_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(tb.TensorRTBackend, "host_info", lambda self: HOST)
     monkeypatch.setattr(tb, "stream_handle", id)
 
-    def make(paper: bool = True, **kw: Any):
+    def make(paper: bool = True, legacy_memory_api: bool = False, **kw: Any):
         image_shapes = {
             io_names.IMAGES: ShapeRange((1, 3, 2 * HW, 2 * HW), (5, 3, 2 * HW, 2 * HW), (8, 3, 2 * HW, 2 * HW)),
             io_names.TEXT_EMBEDS: ShapeRange((1, 16), (6, 16), (6, 16)),
@@ -564,14 +582,17 @@ def paper_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         for graph, manifest in manifests.items():
             write_manifest(manifest, tmp_path)
             (tmp_path / graph.engine_file).write_bytes(graph.value.encode())
-            kind = PaperEngine if graph in (Graph.PAPER_ENCODER, Graph.PAPER_HEAD) else FakeEngine
-            engines[graph.value.encode()] = kind(graph, manifest.profiles[0], cudart)
+            if graph in (Graph.PAPER_ENCODER, Graph.PAPER_HEAD):
+                engines[graph.value.encode()] = PaperEngine(graph, manifest.profiles[0], cudart, legacy_memory_api)
+            else:
+                engines[graph.value.encode()] = FakeEngine(graph, manifest.profiles[0], cudart)
         runtime = FakeRuntime(engines)
         trt = SimpleNamespace(
             Runtime=lambda logger: runtime,
             Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
             TensorIOMode=SimpleNamespace(INPUT="INPUT"),
             ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+            TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
         )
         monkeypatch.setattr(tb, "_import_tensorrt", lambda: trt)
         return tb.TensorRTBackend(tmp_path), SimpleNamespace(cudart=cudart, engines=engines)
@@ -712,3 +733,28 @@ def test_predict_paper_runs_the_combined_engines(paper_backend, rng: np.random.G
     np.testing.assert_array_equal(class_map, np.argmax(expected, axis=0))
     assert [n for k, n in sim.cudart.copies if k == D2H] == [20 * 30 * 4]  # the int32 class map, nothing else
     assert sim.engines[b"paper_head"].contexts[0].executions == 1
+
+
+def test_activation_memory_on_the_tensorrt_10_0_python_api(paper_backend, rng: np.random.Generator) -> None:
+    # catches: set_device_memory(ptr, size) called on TensorRT 10.0, whose Python API has only the
+    # `device_memory` setter (set_device_memory arrived with setDeviceMemoryV2 in 10.1): an AttributeError
+    backend, sim = paper_backend(legacy_memory_api=True)
+    image, embeds = _paper_inputs(rng, 4)
+    with backend:
+        out = backend.segment_paper(image, embeds, (30, 41), with_probs=True)
+        head = sim.engines[b"paper_head"].contexts[0]
+        assert isinstance(head, PaperContext100) and head.device_memory is not None
+    np.testing.assert_allclose(
+        out[io_names.PROBS], reference_head(reference_features(image), embeds, (30, 41)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_unsized_activation_memory_is_one_line(paper_backend, rng: np.random.Generator, monkeypatch) -> None:
+    # catches: update_device_memory_size_for_shapes' 0 (TensorRT's error answer) taken as a size, so a 1-byte
+    # buffer is handed to TensorRT and the enqueue fails vaguely or writes past it
+    backend, sim = paper_backend()
+    monkeypatch.setattr(PaperContext, "update_device_memory_size_for_shapes", lambda self: 0)
+    image, embeds = _paper_inputs(rng, 2)
+    with backend, pytest.raises(BackendError, match=r"could not size the activation memory of paper_head\.engine") as info:
+        backend.segment_paper(image, embeds, (6, 7))
+    assert "\n" not in str(info.value) and sim.engines[b"paper_head"].contexts[0].executions == 0
