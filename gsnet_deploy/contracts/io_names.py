@@ -75,3 +75,11 @@ PAPER_HEAD_DYNAMIC_AXES: dict[str, dict[int, str]] = {
 
 PAPER_ENCODER_FILE = "paper_encoder.onnx"
 PAPER_HEAD_FILE = "paper_head.onnx"
+
+# tiled mode's weight-free window blending graphs (export.tile_onnx); optional in an ONNX folder
+TILE_BLEND_FILE = "tile_blend.onnx"
+TILE_EMIT_FILE = "tile_emit.onnx"
+TILE_BLEND_INPUTS: tuple[str, ...] = ("acc", "valid", LOGITS, "place", "window_valid", "weights")
+TILE_BLEND_OUTPUTS: tuple[str, ...] = ("acc_out", "valid_out")
+TILE_EMIT_INPUTS: tuple[str, ...] = ("acc", "valid", "count")
+TILE_EMIT_OUTPUTS: tuple[str, ...] = ("labels", "valid_rows", PROBS, "acc_out", "valid_out")

@@ -42,6 +42,7 @@ from gsnet_deploy.errors import ExportError
 from gsnet_deploy.export.graph_checks import MIN_OPSET, GraphReport, check_graph
 from gsnet_deploy.export.onnx_save import save_onnx_atomic
 from gsnet_deploy.export.protocol_onnx import PaperEncoderGraph, PaperHeadGraph, paper_example_inputs, paper_head_symbols
+from gsnet_deploy.export.tile_onnx import export_tile_graphs
 from gsnet_deploy.model.gsnet import GSNet
 
 # Example sizes traced by the exporter: neither is 1, so no axis gets specialized to a broadcast.
@@ -402,6 +403,7 @@ def _export_into(
             del raw_image
             _export_paper_graphs(model, out_dir, raw_dir, manifest, opset=opset, simplify=simplify,
                                  supported_ops=supported_ops, files=files)  # fmt: skip
+            export_tile_graphs(out_dir, opset, files, supported_ops)  # tiled mode's device blending (weight-free)
             files.part(out_dir / io_names.MANIFEST_FILE).write_text(
                 json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )

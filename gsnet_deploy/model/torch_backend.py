@@ -28,7 +28,9 @@ from gsnet_deploy.contracts.io_names import (
 from gsnet_deploy.errors import BackendError
 from gsnet_deploy.model.gsnet import GSNet
 from gsnet_deploy.model.protocol import PaperEncoder, PaperHead
+from gsnet_deploy.model.tile_blend import TorchWindowBlender
 from gsnet_deploy.runtime.protocol import host_class_map
+from gsnet_deploy.runtime.tiling import WindowGrid
 
 
 class TorchPrecision(enum.Enum):
@@ -350,6 +352,11 @@ class TorchBackend:
     def head(self) -> _HeadRunner:
         """The paper head as a host-array runner."""
         return _HeadRunner(self.paper)
+
+    def tile_blender(self, grid: WindowGrid, text_embeds: np.ndarray) -> TorchWindowBlender:
+        """Tiled mode on the device: image graph, upsampling, sigmoid and blending of ``grid``'s windows (one image)."""
+        text = torch.from_numpy(np.ascontiguousarray(text_embeds, dtype=np.float32)).to(self.device)
+        return TorchWindowBlender(self.image.forward, text, grid, self.device)
 
     def segment_paper(
         self, image: np.ndarray, text_embeds: np.ndarray, out_size: tuple[int, int], with_probs: bool = False

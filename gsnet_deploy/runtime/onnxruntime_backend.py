@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from gsnet_deploy.contracts.onnx_manifest import OnnxDir, OnnxManifest, open_onn
 from gsnet_deploy.errors import BackendError
 from gsnet_deploy.runtime.ort_session import CPU_PROVIDER, CUDA_PROVIDER, import_onnxruntime, open_session
 from gsnet_deploy.runtime.protocol import host_class_map
+from gsnet_deploy.runtime.tiling import WindowGrid, blend_weights
 
 _NUMPY_TYPES: dict[str, type] = {
     "tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
@@ -109,6 +110,83 @@ class OnnxGraphRunner:
         return arrays
 
 
+class OrtWindowBlender:
+    """Tiled mode's blending on the sessions' device (``runtime.tiling.WindowBlender``), with IOBinding.
+
+    The image graph's logits and the strip (``acc``, ``valid``: ``tile_blend.onnx`` /
+    ``tile_emit.onnx``, see ``export.tile_onnx``) stay ``OrtValue``s on the device between calls;
+    only class-map rows and validity are copied to the host, probabilities only when asked for.
+    """
+
+    def __init__(
+        self, image: Any, blend: Any, emit: Any, text_embeds: np.ndarray, grid: WindowGrid, device: tuple[str, int]
+    ) -> None:
+        """Create the strip on ``device`` (``("cpu", 0)`` or ``("cuda", id)``) for one image of ``grid``."""
+        ort = import_onnxruntime()
+        self.image, self.blend_session, self.emit_session, self.grid, self.device = image, blend, emit, grid, device
+        self.num_classes = int(text_embeds.shape[0])
+        strip = min(grid.size, grid.height)
+
+        def on_device(array: np.ndarray) -> Any:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *device)
+
+        self._on_device = on_device
+        self._acc = on_device(np.zeros((self.num_classes + 1, strip, grid.width), np.float32))  # [N + 1, R, W]
+        self._valid = on_device(np.zeros((strip, grid.width), np.float32))  # [R, W]
+        self._weights = on_device(blend_weights(grid.size, grid.overlap))  # [S, S]
+        self._text = on_device(np.asarray(text_embeds, dtype=np.float32))  # [N, 512]
+        self._all_valid = np.ones((grid.size, grid.size), np.float32)
+        self._logits: Any = None  # OrtValue [b, N, 96, 96]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the strip buffers on the device."""
+        return (self.num_classes + 2) * min(self.grid.size, self.grid.height) * self.grid.width * 4
+
+    def infer(self, views: np.ndarray) -> None:
+        """Run the image graph on views ``[b, 3, S, S]``; its logits stay an OrtValue on the device."""
+        binding = self.image.io_binding()
+        binding.bind_cpu_input(io_names.IMAGES, np.ascontiguousarray(views, dtype=np.float32))
+        binding.bind_ortvalue_input(io_names.TEXT_EMBEDS, self._text)
+        binding.bind_output(io_names.LOGITS, *self.device)
+        self.image.run_with_iobinding(binding)
+        self._logits = binding.get_outputs()[0]
+
+    def blend(self, index: int, row: int, col: int, height: int, width: int, valid: np.ndarray | None) -> None:
+        """Blend view ``index`` of the last ``infer`` into the strip (``tile_blend.onnx``)."""
+        if self._logits is None:
+            raise RuntimeError("blend before infer")
+        window_valid = self._all_valid
+        if valid is not None:
+            window_valid = np.zeros_like(self._all_valid)
+            window_valid[:height, :width] = valid
+        binding = self.blend_session.io_binding()
+        binding.bind_ortvalue_input("acc", self._acc)
+        binding.bind_ortvalue_input("valid", self._valid)
+        binding.bind_ortvalue_input(io_names.LOGITS, self._logits)
+        binding.bind_cpu_input("place", np.array([index, row, col, height, width], dtype=np.int64))
+        binding.bind_cpu_input("window_valid", window_valid)
+        binding.bind_ortvalue_input("weights", self._weights)
+        for name in io_names.TILE_BLEND_OUTPUTS:
+            binding.bind_output(name, *self.device)
+        self.blend_session.run_with_iobinding(binding)
+        self._acc, self._valid = binding.get_outputs()
+
+    def emit(self, count: int, with_probs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Normalize, argmax and shift the strip on the device (``tile_emit.onnx``); class map and validity to the host."""
+        binding = self.emit_session.io_binding()
+        binding.bind_ortvalue_input("acc", self._acc)
+        binding.bind_ortvalue_input("valid", self._valid)
+        binding.bind_cpu_input("count", np.array([count], dtype=np.int64))
+        for name in io_names.TILE_EMIT_OUTPUTS:
+            host = name in ("labels", "valid_rows") or (name == io_names.PROBS and with_probs)
+            binding.bind_output(name, *(("cpu", 0) if host else self.device))
+        self.emit_session.run_with_iobinding(binding)
+        labels, valid_rows, probs, self._acc, self._valid = binding.get_outputs()
+        labels_host = host_class_map(labels.numpy(), self.num_classes)  # [count, W]
+        return labels_host, valid_rows.numpy() > 0.5, probs.numpy() if with_probs else None
+
+
 class OnnxRuntimeBackend:
     """GSNet's text and image graphs on ONNX Runtime.
 
@@ -144,6 +222,7 @@ class OnnxRuntimeBackend:
         self._image: OnnxGraphRunner | None = None
         self._encoder: OnnxGraphRunner | None = None
         self._head: OnnxGraphRunner | None = None
+        self._tile_sessions: tuple[Any, Any, Any] | None = None  # image, tile_blend, tile_emit
 
     def __enter__(self) -> OnnxRuntimeBackend:
         """Create both sessions and record the providers they got."""
@@ -173,6 +252,14 @@ class OnnxRuntimeBackend:
             encoder, head = self.onnx_dir.paper_encoder_path, self.onnx_dir.paper_head_path
             self._encoder = self._runner(open_session(encoder, wanted), encoder, io_names.PAPER_ENCODER_INPUTS)
             self._head = self._runner(open_session(head, wanted), head, io_names.PAPER_HEAD_INPUTS)
+        blend, emit = (self.onnx_dir.path / name for name in (io_names.TILE_BLEND_FILE, io_names.TILE_EMIT_FILE))
+        float32 = all(v.type == "tensor(float)" for v in (*image_session.get_inputs(), *image_session.get_outputs()))
+        if blend.is_file() and emit.is_file() and float32:
+            tile = (open_session(blend, wanted), open_session(emit, wanted))
+            for path, session, names in zip((blend, emit), tile, (io_names.TILE_BLEND_INPUTS, io_names.TILE_EMIT_INPUTS)):
+                if sorted(i.name for i in session.get_inputs()) != sorted(names):
+                    raise BackendError(f"{path} is not this version's tile graph; re-run `gsnet export onnx`.")
+            self._tile_sessions = (image_session, *tile)
         return self
 
     @staticmethod
@@ -188,6 +275,7 @@ class OnnxRuntimeBackend:
     def __exit__(self, *exc: object) -> None:
         """Release both sessions."""
         self._text = self._image = self._encoder = self._head = None
+        self._tile_sessions = None
         self.providers = []
 
     @property
@@ -214,6 +302,19 @@ class OnnxRuntimeBackend:
                 "(exported before the device protocol); re-run `gsnet export onnx`."
             )
         return runner
+
+    @property
+    def tile_blender(self) -> Callable[[WindowGrid, np.ndarray], OrtWindowBlender] | None:
+        """Tiled mode's device blender factory, or None (folder without ``tile_blend.onnx``/``tile_emit.onnx``)."""
+        if self._tile_sessions is None:
+            return None
+        image, blend, emit = self._tile_sessions
+        device = ("cuda", 0) if self.providers and self.providers[0] == CUDA_PROVIDER else ("cpu", 0)
+
+        def make(grid: WindowGrid, text_embeds: np.ndarray) -> OrtWindowBlender:
+            return OrtWindowBlender(image, blend, emit, text_embeds, grid, device)
+
+        return make
 
     @property
     def encoder(self) -> OnnxGraphRunner:

@@ -1,7 +1,8 @@
 """Rows in and out of tiled inference: where windows are read from and where merged rows go.
 
 A ``RowSource`` is read by rectangles (an in-memory image, a raster, or either resampled by
-``--gsd-scale``); a ``RowSink`` receives the merged probabilities top to bottom, each row once.
+``--gsd-scale``); a ``RowSink`` receives the merged probabilities top to bottom, each row once, and
+a ``LabelSink`` the class map (when the blending runs on the device, probabilities only if saved).
 ``ScaledSource``/``ScaledSink`` resample there and back, streaming (torch-style bilinear).
 """
 
@@ -43,6 +44,18 @@ class RowSink(Protocol):
 
     def write(self, rows: FinishedRows) -> None:
         """Take one band of finished rows."""
+        ...
+
+
+class LabelSink(Protocol):
+    """Receives final rows as a class map, top to bottom, each row once (tiled mode blending on the device).
+
+    ``outputs.PlainMaskSink`` and ``raster.GeoTiffMaskSink`` are both a ``RowSink`` and a
+    ``LabelSink``; ``runtime.tiled.run_tiled`` hands a device blender's rows to ``write_labels``.
+    """
+
+    def write_labels(self, row_off: int, labels: np.ndarray, valid: np.ndarray | None, probs: np.ndarray | None) -> None:
+        """Take class indices ``[h, W]`` from ``row_off``, validity ``[h, W]`` and, when saved, probabilities ``[N, h, W]``."""
         ...
 
 

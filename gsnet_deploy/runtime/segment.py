@@ -389,7 +389,7 @@ def segment_one(
                         notes.append(f"resampled by --gsd-scale {options.gsd_scale:g} to {src.width}x{src.height} for tiling")
                     ran, skipped = run_tiled(
                         src, snk, backend, text_embeds, overlap=options.overlap, max_memory=options.max_memory,
-                        progress=options.progress, desc=path.name,
+                        progress=options.progress, desc=path.name, save_probs=options.save_probs, notes=notes,
                     )  # fmt: skip
                 paths = sink.close()
                 if options.overlay:

@@ -6,15 +6,22 @@ backend's preferred view count while the calling thread runs the image graph. Ea
 logits are upsampled to 384 (torch-style bilinear), passed through a sigmoid and merged with the
 ramp weights; rows are handed to the sink as soon as no later window touches them, one band at a
 time, so memory holds one strip of rows, never the whole probability volume (nor a whole run of
-skipped nodata rows). Sources, sinks and ``--gsd-scale`` resampling live in ``runtime.rows``;
-what is written for an input is decided by ``runtime.segment``.
+skipped nodata rows). A backend with a ``tile_blender`` (the torch backend) does the upsampling,
+sigmoid, blending, normalization and argmax on its device and hands back class-map rows; the
+others (ONNX Runtime, TensorRT for now) use the numpy path above, with a note.
+
+Memory: ``--max-memory`` bounds the host and device buffers together (``tiled_memory``); on a CPU
+device they are the same memory, on a GPU the sum bounds each part.
+
+Sources, sinks and ``--gsd-scale`` resampling live in ``runtime.rows``; what is written for an
+input is decided by ``runtime.segment``.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,57 +31,130 @@ from gsnet_deploy.errors import BackendError, GSNetError, ImageError
 from gsnet_deploy.runtime.backend import Backend
 from gsnet_deploy.runtime.protocol import sigmoid
 from gsnet_deploy.runtime.resize import resize_bilinear
-from gsnet_deploy.runtime.rows import ArraySink, ArraySource, RowSink, RowSource, plan_source_sink
-from gsnet_deploy.runtime.tiling import DEFAULT_OVERLAP, EMIT_ROWS, WINDOW, StripAccumulator, Window, WindowGrid, pad_to_window
+from gsnet_deploy.runtime.rows import ArraySink, ArraySource, LabelSink, RowSink, RowSource, plan_source_sink
+from gsnet_deploy.runtime.tiling import (
+    DEFAULT_OVERLAP,
+    EMIT_ROWS,
+    WINDOW,
+    DeviceStrip,
+    FinishedRows,
+    LabelRows,
+    StripAccumulator,
+    Window,
+    WindowBlender,
+    WindowGrid,
+    pad_to_window,
+)
 
 DEFAULT_MAX_MEMORY = 2 << 30  # bytes (--max-memory default, 2 GiB)
 DEFAULT_PREFETCH = 2  # batches queued ahead of inference
 
 
-def tiled_memory_bytes(width: int, num_classes: int, batch: int, prefetch: int, sample_bytes: int = 8, size: int = WINDOW) -> int:
+@dataclass(frozen=True)
+class TiledMemory:
+    """Bytes tiled inference holds, on the host and on the backend's device.
+
+    ``--max-memory`` bounds ``total``, the sum of both parts: on a CPU device they are the same
+    memory, and on a GPU the sum is a safe bound for each. The image graph's own weights and
+    activations are not counted (they do not grow with the image).
+    """
+
+    host: int
+    device: int
+
+    @property
+    def total(self) -> int:
+        """Host plus device bytes."""
+        return self.host + self.device
+
+
+def tiled_memory(
+    width: int,
+    num_classes: int,
+    batch: int,
+    prefetch: int,
+    sample_bytes: int = 8,
+    size: int = WINDOW,
+    *,
+    device_blend: bool = False,
+    with_probs: bool = True,
+) -> TiledMemory:
     """Upper estimate of the bytes tiled inference holds for an image ``width`` pixels wide.
 
-    Counts the accumulator strip, one band of finished rows with the sink's conversions (argmax,
-    scaled probabilities), two read chunks of ``batch`` windows (raw samples, conversions, masks),
-    queued and in-flight view batches, one batch of logits and one window's upsampled
-    probabilities with their temporaries.
+    Host, both paths: two read chunks of ``batch`` windows (raw samples, conversions, masks) and
+    the queued and in-flight view batches. Host, numpy blending (``device_blend`` False): the
+    accumulator strip, one band of finished rows with the sink's conversions (argmax, scaled
+    probabilities), one batch of logits and one window's upsampled probabilities with their
+    temporaries. Device blending: the host holds only a band of class map and validity (plus the
+    band's probabilities and their conversions when ``with_probs``); the device holds the strip,
+    its next state and one full-strip temporary (the shift, or ONNX Runtime's padded window), one
+    batch of views and logits, one window's upsampled probabilities with their temporaries and one
+    band being normalized.
     """
     strip = size * width
     band = min(size, EMIT_ROWS) * width
     chunk = size * min(width, batch * (size - DEFAULT_OVERLAP) + size)
-    accumulator = (num_classes + 1) * strip * 4 + strip
-    finished = num_classes * band * (4 + 4 + 1) + band * (8 + 2)
     reader = 2 * chunk * (3 * (sample_bytes + 1) + 4)
     views = (prefetch + 2) * batch * 3 * size * size * 4
     logits = batch * num_classes * (size // 4) ** 2 * 4
-    per_window = num_classes * size * size * 4 * 3
-    return accumulator + finished + reader + views + logits + per_window
+    band_probs = num_classes * band * (4 + 4 + 1)  # probabilities, normalization temporaries, scaled copy
+    if not device_blend:
+        accumulator = (num_classes + 1) * strip * 4 + strip
+        finished = band_probs + band * (8 + 2)
+        per_window = num_classes * size * size * 4 * 3
+        return TiledMemory(host=accumulator + finished + reader + views + logits + per_window, device=0)
+    host_band = band * (4 + 1 + 1) + (band_probs if with_probs else 0)  # labels, validity, the sink's copy
+    strip_bytes = (num_classes + 1) * strip * 4 + strip
+    device_views = batch * 3 * size * size * 4
+    per_window = num_classes * size * size * 4 * 4  # row pass, upsampled, sigmoid, weighted
+    emitting = num_classes * band * 4 * 2 + band * (8 + 4 + 1)  # normalized and masked band, argmax, labels, validity
+    device = 3 * strip_bytes + device_views + logits + per_window + emitting
+    return TiledMemory(host=host_band + reader + views, device=device)
 
 
-def plan_batch(width: int, num_classes: int, backend: Backend, max_memory: int, sample_bytes: int = 8) -> tuple[int, int]:
-    """Views per batch and batches to prefetch that fit ``max_memory``.
+def tiled_memory_bytes(width: int, num_classes: int, batch: int, prefetch: int, sample_bytes: int = 8, size: int = WINDOW) -> int:
+    """Upper estimate of the bytes the numpy blending path holds (``tiled_memory(...).total``)."""
+    return tiled_memory(width, num_classes, batch, prefetch, sample_bytes, size).total
+
+
+def plan_batch(
+    width: int,
+    num_classes: int,
+    backend: Backend,
+    max_memory: int,
+    sample_bytes: int = 8,
+    *,
+    device_blend: bool = False,
+    with_probs: bool = True,
+) -> tuple[int, int]:
+    """Views per batch and batches to prefetch whose host plus device estimate fits ``max_memory``.
 
     Starts from ``backend.preferred_views`` (capped by ``backend.max_views``) and ``DEFAULT_PREFETCH``,
-    then lowers the prefetch depth and the batch until the estimate fits.
+    then lowers the prefetch depth and the batch until ``tiled_memory(...).total`` fits.
 
     Raises:
         ImageError: even one view at a time does not fit.
 
     """
+
+    def need(batch: int, prefetch: int) -> int:
+        return tiled_memory(
+            width, num_classes, batch, prefetch, sample_bytes, device_blend=device_blend, with_probs=with_probs
+        ).total
+
     batch = max(1, int(backend.preferred_views))
     if backend.max_views is not None:
         batch = max(1, min(batch, int(backend.max_views)))
     prefetch = DEFAULT_PREFETCH
-    while tiled_memory_bytes(width, num_classes, batch, prefetch, sample_bytes) > max_memory:
+    while need(batch, prefetch) > max_memory:
         if prefetch > 1:
             prefetch -= 1
         elif batch > 1:
             batch //= 2
         else:
-            need = tiled_memory_bytes(width, num_classes, 1, 1, sample_bytes) / 2**20
             raise ImageError(
                 f"tiled inference of a {width}-pixel-wide image with {num_classes} classes needs about "
-                f"{need:.0f} MiB, more than --max-memory {max_memory / 2**20:.0f} MiB; "
+                f"{need(1, 1) / 2**20:.0f} MiB, more than --max-memory {max_memory / 2**20:.0f} MiB; "
                 "raise --max-memory or use fewer classes"
             )
     return batch, prefetch
@@ -167,9 +247,21 @@ def _run_views(backend: Backend, views: np.ndarray, text_embeds: np.ndarray) -> 
     return logits
 
 
+TILED_FALLBACK_NOTE = (
+    "the {name} backend has no device window blender (tile_blend.onnx, tile_emit.onnx): tiled windows are "
+    "blended in numpy on the host, which is slower; re-export an older ONNX folder to blend on the device"
+)
+
+
+def tile_blender_of(backend: Backend) -> Callable[[WindowGrid, np.ndarray], WindowBlender] | None:
+    """The backend's ``tile_blender(grid, text_embeds)`` factory (blending on its device), or None."""
+    factory = getattr(backend, "tile_blender", None)
+    return factory if callable(factory) else None
+
+
 def run_tiled(
     source: RowSource,
-    sink: RowSink,
+    sink: RowSink | LabelSink,
     backend: Backend,
     text_embeds: np.ndarray,
     *,
@@ -177,8 +269,18 @@ def run_tiled(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = True,
     desc: str = "tiled",
+    save_probs: bool = False,
+    device_blend: bool | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[int, int]:
     """Stream every window of ``source`` through the image graph into ``sink``.
+
+    With a backend that blends on its device (``tile_blender_of``), the image graph, upsampling,
+    sigmoid, blending, normalization and argmax run there: a ``LabelSink`` gets class-map rows
+    (probabilities only with ``save_probs``), a plain ``RowSink`` (which needs probabilities, e.g.
+    ``ScaledSink``) gets normalized bands ``[N, h, W]``; per-window ``[N, 384, 384]`` arrays never
+    reach the host. Otherwise the windows' logits are merged in numpy (``StripAccumulator``, the
+    reference) and a note says so.
 
     The caller owns the sink's commit/abort and must have entered the backend (``with backend:``).
     An exception in reading or inference (KeyboardInterrupt included) stops the reader thread and
@@ -190,9 +292,12 @@ def run_tiled(
         backend: an entered backend; batches use ``preferred_views`` capped by ``max_views``.
         text_embeds: float32 ``[N, 512]``.
         overlap: window overlap in pixels (0 <= overlap < 384).
-        max_memory: byte budget for the buffers (see ``tiled_memory_bytes``).
+        max_memory: byte budget of host plus device buffers (see ``tiled_memory``).
         progress: show a tqdm bar with windows per second and ETA.
         desc: label of the progress bar.
+        save_probs: the label sink also writes probabilities (they cross to the host).
+        device_blend: blend on the backend's device (None: when it can; False: the numpy reference).
+        notes: where to append the note when blending falls back to numpy.
 
     Returns:
         (windows run through the graph, windows skipped as nodata).
@@ -205,13 +310,36 @@ def run_tiled(
     text_embeds = np.ascontiguousarray(text_embeds, dtype=np.float32)
     num_classes = int(text_embeds.shape[0])
     grid = WindowGrid(source.height, source.width, WINDOW, overlap)
-    batch, prefetch = plan_batch(source.width, num_classes, backend, max_memory, source.sample_bytes)
+    factory = tile_blender_of(backend) if device_blend is not False else None
+    if device_blend and factory is None:
+        raise BackendError(f"the {backend.name} backend cannot blend tiled windows on its device")
+    labels_out = callable(getattr(sink, "write_labels", None))
+    with_probs = save_probs or not labels_out
+    on_device = factory is not None
+    batch, prefetch = plan_batch(
+        source.width, num_classes, backend, max_memory, source.sample_bytes, device_blend=on_device, with_probs=with_probs
+    )
+    if factory is None and notes is not None:
+        notes.append(TILED_FALLBACK_NOTE.format(name=backend.name))
     from tqdm import tqdm  # NOTE: lazy, tqdm is only needed when tiling
+
+    def deliver(rows: FinishedRows | LabelRows) -> None:
+        if isinstance(rows, FinishedRows):
+            sink.write(rows)  # type: ignore[union-attr]
+        elif labels_out:
+            sink.write_labels(rows.row_off, rows.labels, rows.valid, rows.probs)  # type: ignore[union-attr]
+        else:
+            assert rows.probs is not None
+            sink.write(FinishedRows(row_off=rows.row_off, probs=rows.probs, valid=rows.valid))  # type: ignore[union-attr]
 
     stop = threading.Event()
     batches: queue.Queue = queue.Queue(maxsize=prefetch)
     worker = threading.Thread(target=_reader, args=(source, grid, batch, batches, stop), name="gsnet-tile-reader", daemon=True)
-    accumulator = StripAccumulator(grid, num_classes)
+    strip: StripAccumulator | DeviceStrip
+    if factory is None:
+        strip = StripAccumulator(grid, num_classes)
+    else:
+        strip = DeviceStrip(grid, factory(grid, text_embeds), with_probs=with_probs)
     bar = tqdm(total=len(grid), unit="win", desc=desc, disable=not progress, dynamic_ncols=True)
     ran = skipped = 0
     worker.start()
@@ -224,19 +352,27 @@ def run_tiled(
                 raise item.exc
             if item.windows:
                 assert item.views is not None
-                logits = _run_views(backend, item.views[: len(item.windows)], text_embeds)  # [b, N, h, w]
+                views = item.views[: len(item.windows)]  # [b, 3, S, S]
+                if isinstance(strip, DeviceStrip):
+                    strip.infer(views)
+                else:
+                    logits = _run_views(backend, views, text_embeds)  # [b, N, h, w]
                 for i, win in enumerate(item.windows):
-                    if win.row > accumulator.row:
-                        for rows in accumulator.advance(win.row):  # lazily: a nodata gap is never held whole
-                            sink.write(rows)
-                    probs = sigmoid(resize_bilinear(logits[i], (WINDOW, WINDOW)))  # [N, S, S]
-                    for rows in accumulator.add(win, probs, item.valids[i]):
-                        sink.write(rows)
+                    if win.row > strip.row:
+                        for rows in strip.advance(win.row):  # lazily: a nodata gap is never held whole
+                            deliver(rows)
+                    if isinstance(strip, DeviceStrip):
+                        finished: list = strip.add(i, win, item.valids[i])
+                    else:
+                        probs = sigmoid(resize_bilinear(logits[i], (WINDOW, WINDOW)))  # [N, S, S]
+                        finished = strip.add(win, probs, item.valids[i])
+                    for rows in finished:
+                        deliver(rows)
             ran += len(item.windows)
             skipped += item.skipped
             bar.update(len(item.windows) + item.skipped)
-        for rows in accumulator.finish():
-            sink.write(rows)
+        for rows in strip.finish():
+            deliver(rows)
     finally:
         stop.set()
         while True:  # free queued batches so the reader's put returns at once

@@ -1,4 +1,4 @@
-"""Window grid, blending weights and a streaming accumulator for tiled inference, in pure numpy.
+"""Window grid, blending weights and the streaming strip of tiled inference (numpy reference, device interface).
 
 Tiled mode runs the image graph on square windows (384 px, the graph's view size) cut from the
 image at its native resolution with an overlap, and merges the per-window probabilities with a
@@ -14,12 +14,16 @@ Conventions:
 - Windows are visited row by row (row-major). Once every window of a window row has been added,
   the image rows above the next window row's start are final and are emitted, so only a strip of
   ``window`` rows of float accumulators is ever held (``StripAccumulator``).
+- The same strip may live on a backend's device (``WindowBlender``, e.g. ``model.tile_blend``):
+  ``DeviceStrip`` keeps the bookkeeping here and gets finished rows back as a class map
+  (``LabelRows``); ``StripAccumulator`` stays the reference the device blenders are tested against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -191,12 +195,133 @@ class FinishedRows:
     valid: np.ndarray
 
 
-class StripAccumulator:
-    """Weighted average of overlapping window probabilities, held one strip of rows at a time.
+@dataclass(frozen=True)
+class LabelRows:
+    """A band of final image rows as a class map, from a device blender (``WindowBlender``).
 
-    Windows must be added in the grid's visiting order (window rows non-decreasing; windows may be
-    skipped). Memory: ``(N + 1) * size * width`` float32 plus a bool strip; finished rows come out in
+    Attributes:
+        row_off: first image row of the band.
+        labels: class index ``[h, W]``: uint8 for N <= 255, int32 beyond (``protocol.host_class_map``);
+            0 where ``valid`` is False.
+        valid: bool ``[h, W]``; False where no window contributed (nodata) or the source said nodata.
+        probs: float32 ``[N, h, W]`` normalized probabilities (0 where not valid), or None when not asked for.
+
+    """
+
+    row_off: int
+    labels: np.ndarray
+    valid: np.ndarray
+    probs: np.ndarray | None
+
+
+class WindowBlender(Protocol):
+    """One image's window blending on a backend's device: the strip lives there, finished rows come back.
+
+    The host keeps the bookkeeping (``DeviceStrip``: which rows are final, where the strip's top
+    is); the blender runs the image graph on a batch of views and, per window, the upsampling
+    96 -> 384, the sigmoid, the ramp weights and the accumulation into the strip, and on ``emit``
+    the normalization, the argmax and the shift of the strip. Logits and per-window
+    probabilities never leave the device. Strip coordinates: row 0 is the strip's top image row.
+    """
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the strip buffers on the device."""
+        ...
+
+    def infer(self, views: np.ndarray) -> None:
+        """Run the image graph on views float32 ``[b, 3, S, S]``; the logits stay on the device for ``blend``."""
+        ...
+
+    def blend(self, index: int, row: int, col: int, height: int, width: int, valid: np.ndarray | None) -> None:
+        """Accumulate window ``index`` of the last ``infer`` at strip row ``row``, image column ``col``.
+
+        Only its top-left ``height x width`` pixels (inside the image) count; ``valid``: bool
+        ``[height, width]`` source validity, None for all valid.
+        """
+        ...
+
+    def emit(self, count: int, with_probs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Normalize the top ``count`` strip rows, shift the strip up by ``count``; host arrays.
+
+        Returns:
+            (labels ``[count, W]`` uint8/int32, valid bool ``[count, W]``, probs float32
+            ``[N, count, W]`` or None unless ``with_probs``).
+
+        """
+        ...
+
+
+class _StripRows:
+    """Bookkeeping of a strip of ``size`` image rows: which rows are final as windows come row by row.
+
+    Subclasses hold the buffers and implement ``_emit_chunk``; windows must be added in the grid's
+    visiting order (window rows non-decreasing; windows may be skipped). Finished rows come out in
     bands of at most ``EMIT_ROWS`` rows.
+    """
+
+    def __init__(self, grid: WindowGrid) -> None:
+        self.grid = grid
+        self._row_starts = grid.row_starts
+        self._strip = min(grid.size, grid.height)  # rows held
+        self._top = 0  # image row held at strip row 0
+        self._row = 0  # current window row
+        self._done = False
+
+    def _enter_row(self, window: Window) -> list[Any]:
+        """Check the order, move to the window's row; returns the bands this finishes."""
+        if self._done:
+            raise RuntimeError("accumulator already finished")
+        if window.row < self._row:
+            raise ValueError(f"windows must come in row order: got row {window.row} after row {self._row}")
+        return list(self.advance(window.row)) if window.row > self._row else []
+
+    @property
+    def row(self) -> int:
+        """The window row the strip is at."""
+        return self._row
+
+    def finish(self) -> Iterator[Any]:
+        """Emit every remaining row (call once, after the last window); bands come lazily."""
+        if self._done:
+            return iter(())
+        self._done = True
+        return self._emit(self.grid.height - self._top)
+
+    def advance(self, row: int) -> Iterator[Any]:
+        """Move to window row ``row``: yield the rows above its start and shift the strip up.
+
+        Bands are made one at a time as the caller iterates, so a long run of skipped (nodata)
+        window rows never sits in memory whole; consume the iterator before the next ``add``.
+        """
+        if self._done:
+            raise RuntimeError("accumulator already finished")
+        self._row = row
+        new_top = self._row_starts[row]
+        return self._emit(new_top - self._top)
+
+    def _emit(self, count: int) -> Iterator[Any]:
+        """Yield the top ``count`` rows, in bands of at most ``EMIT_ROWS`` rows."""
+        chunk = min(self._strip, EMIT_ROWS)
+        while count > 0:
+            n = min(count, chunk)
+            band = self._emit_chunk(n)
+            self._top += n
+            yield band
+            count -= n
+
+    def _emit_chunk(self, count: int) -> Any:
+        """The top ``count`` strip rows (``count <= strip``), normalized; shifts the strip up by ``count``."""
+        raise NotImplementedError
+
+
+class StripAccumulator(_StripRows):
+    """Weighted average of overlapping window probabilities, held one strip of rows at a time, in numpy.
+
+    The host reference of the device blenders (``WindowBlender``). Windows must be added in the
+    grid's visiting order (window rows non-decreasing; windows may be skipped). Memory:
+    ``(N + 1) * size * width`` float32 plus a bool strip; finished rows come out in bands of at
+    most ``EMIT_ROWS`` rows.
     """
 
     def __init__(self, grid: WindowGrid, num_classes: int) -> None:
@@ -209,17 +334,12 @@ class StripAccumulator:
         """
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        self.grid = grid
+        super().__init__(grid)
         self.num_classes = num_classes
         self.weights = blend_weights(grid.size, grid.overlap)  # [S, S]
-        self._row_starts = grid.row_starts
-        strip = min(grid.size, grid.height)
-        self._acc = np.zeros((num_classes, strip, grid.width), dtype=np.float32)  # [N, S, W]
-        self._wsum = np.zeros((strip, grid.width), dtype=np.float32)  # [S, W]
-        self._valid = np.zeros((strip, grid.width), dtype=bool)  # [S, W]
-        self._top = 0  # image row held at strip row 0
-        self._row = 0  # current window row
-        self._done = False
+        self._acc = np.zeros((num_classes, self._strip, grid.width), dtype=np.float32)  # [N, S, W]
+        self._wsum = np.zeros((self._strip, grid.width), dtype=np.float32)  # [S, W]
+        self._valid = np.zeros((self._strip, grid.width), dtype=bool)  # [S, W]
 
     @property
     def nbytes(self) -> int:
@@ -238,11 +358,7 @@ class StripAccumulator:
             Zero or more bands of final rows, top to bottom.
 
         """
-        if self._done:
-            raise RuntimeError("accumulator already finished")
-        if window.row < self._row:
-            raise ValueError(f"windows must come in row order: got row {window.row} after row {self._row}")
-        finished = list(self.advance(window.row)) if window.row > self._row else []
+        finished = self._enter_row(window)
         h, w = window.height, window.width
         r = window.row_off - self._top
         cols = slice(window.col_off, window.col_off + w)
@@ -252,37 +368,13 @@ class StripAccumulator:
         self._valid[r : r + h, cols] |= True if valid is None else valid
         return finished
 
-    @property
-    def row(self) -> int:
-        """The window row the strip is at."""
-        return self._row
-
     def finish(self) -> Iterator[FinishedRows]:
         """Emit every remaining row (call once, after the last window); bands come lazily."""
-        if self._done:
-            return iter(())
-        self._done = True
-        return self._emit(self.grid.height - self._top)
+        return super().finish()
 
     def advance(self, row: int) -> Iterator[FinishedRows]:
-        """Move to window row ``row``: yield the rows above its start and shift the strip up.
-
-        Bands are made one at a time as the caller iterates, so a long run of skipped (nodata)
-        window rows never sits in memory whole; consume the iterator before the next ``add``.
-        """
-        if self._done:
-            raise RuntimeError("accumulator already finished")
-        self._row = row
-        new_top = self._row_starts[row]
-        return self._emit(new_top - self._top)
-
-    def _emit(self, count: int) -> Iterator[FinishedRows]:
-        """Yield the top ``count`` rows normalized, in bands of at most ``EMIT_ROWS`` rows."""
-        chunk = min(self._wsum.shape[0], EMIT_ROWS)
-        while count > 0:
-            n = min(count, chunk)
-            yield self._emit_chunk(n)
-            count -= n
+        """Move to window row ``row``: yield the rows above its start and shift the strip up (lazily)."""
+        return super().advance(row)
 
     def _emit_chunk(self, count: int) -> FinishedRows:
         """Normalize the top ``count`` strip rows (``count <= strip``) and shift the strip up by ``count``."""
@@ -300,5 +392,40 @@ class StripAccumulator:
         self._acc[:, keep:] = 0.0
         self._wsum[keep:] = 0.0
         self._valid[keep:] = False
-        self._top += count
         return out
+
+
+class DeviceStrip(_StripRows):
+    """The strip bookkeeping of ``StripAccumulator`` driving a device ``WindowBlender``.
+
+    ``infer`` a batch of views, then ``add`` its windows in visiting order; finished rows come
+    back as ``LabelRows`` (class map and validity; probabilities only with ``with_probs``).
+    """
+
+    def __init__(self, grid: WindowGrid, blender: WindowBlender, with_probs: bool) -> None:
+        """Drive ``blender`` (made for ``grid``); ``with_probs``: bring the probabilities to the host too."""
+        super().__init__(grid)
+        self.blender = blender
+        self.with_probs = with_probs
+
+    def infer(self, views: np.ndarray) -> None:
+        """Run the image graph on views ``[b, 3, S, S]`` (the next ``add`` calls index them)."""
+        self.blender.infer(views)
+
+    def add(self, index: int, window: Window, valid: np.ndarray | None = None) -> list[LabelRows]:
+        """Blend view ``index`` of the last ``infer`` as ``window``; returns the rows that became final."""
+        finished = self._enter_row(window)
+        self.blender.blend(index, window.row_off - self._top, window.col_off, window.height, window.width, valid)
+        return finished
+
+    def finish(self) -> Iterator[LabelRows]:
+        """Emit every remaining row (call once, after the last window); bands come lazily."""
+        return super().finish()
+
+    def advance(self, row: int) -> Iterator[LabelRows]:
+        """Move to window row ``row``: yield the rows above its start (lazily)."""
+        return super().advance(row)
+
+    def _emit_chunk(self, count: int) -> LabelRows:
+        labels, valid, probs = self.blender.emit(count, self.with_probs)
+        return LabelRows(row_off=self._top, labels=labels, valid=valid, probs=probs)

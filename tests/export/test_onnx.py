@@ -46,7 +46,10 @@ def image_session(tiny_onnx_dir):
 
 def test_export_onnx_writes_both_graphs_and_manifest(tiny_onnx_dir, tiny_model):
     names = sorted(p.name for p in tiny_onnx_dir.iterdir())
-    assert names == ["image_graph.onnx", "manifest.json", "paper_encoder.onnx", "paper_head.onnx", "text_encoder.onnx"]
+    assert names == [
+        "image_graph.onnx", "manifest.json", "paper_encoder.onnx", "paper_head.onnx", "text_encoder.onnx",
+        "tile_blend.onnx", "tile_emit.onnx",
+    ]  # fmt: skip
     assert sorted(p.name for p in tiny_onnx_dir.parent.iterdir()) == ["onnx"]  # no temp folder left behind
     manifest = json.loads((tiny_onnx_dir / "manifest.json").read_text())
     assert manifest["model_digest"] == tiny_model.digest
@@ -157,7 +160,8 @@ def test_export_onnx_replaces_files_of_an_existing_folder(tiny_model, tmp_path):
         (out / name).write_text("old")
     (out / "notes.txt").write_text("kept")
     export_onnx(tiny_model, out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "paper_encoder.onnx", "paper_head.onnx", "notes.txt"])
+    tile = ["tile_blend.onnx", "tile_emit.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "paper_encoder.onnx", "paper_head.onnx", *tile, "notes.txt"])
     assert (out / "notes.txt").read_text() == "kept"
     assert all((out / name).read_bytes() != b"old" for name in names)
     assert json.loads((out / "manifest.json").read_text())["model_digest"] == tiny_model.digest
