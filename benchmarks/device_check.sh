@@ -135,6 +135,9 @@ fi
 # the fused cost-volume kernel against the plain ops and torch.compile (issue 17 item 3)
 step kernel_bench 120 '"$PYTHON" benchmarks/kernel_cost_volume.py --out "$STEP_OUT"'
 
+# tiled mode: numpy blending on the host vs blending on the GPU, same run (issue 12 item 3)
+step tiled_blend 120 '"$PYTHON" benchmarks/tiled_blend.py --model-size paper --device cuda --classes 5 40 --out "$STEP_OUT/tiled_blend_gpu"'  # in all.tar.gz
+
 # re-query (encode once, decode per vocabulary) on the GPU, when requery.py has a device option
 if [[ $DRY_RUN == 1 ]] || { wanted requery && has_option benchmarks/requery.py --device; }; then
     step requery 90 '"$PYTHON" benchmarks/requery.py --model-size paper --device cuda --out "$STEP_OUT/requery_gpu"'
