@@ -49,7 +49,7 @@ def bench_views(count: int) -> np.ndarray:
 
 
 def _peak_gib() -> float:
-    """Peak RSS of this process or of any child it waited for (ModelOpt's placement pass runs in one)."""
+    """Peak RSS of this process or of any child it waited for."""
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return round(peak * 1024 / GIB, 2)
 
@@ -57,8 +57,8 @@ def _peak_gib() -> float:
 def child(step: str, onnx_dir: Path, checkpoints: list[int], classes: int, method: str, log: Path | None) -> list[dict]:
     """Run one step over ``max(checkpoints)`` views in this process; a row per checkpoint.
 
-    Each row holds this process's peak RSS and the elapsed time when that many views were done (the
-    placement pass included), so one run shows whether memory grows with the view count. Rows are
+    Each row holds this process's peak RSS and the elapsed time when that many views were done (setup
+    included: text embeddings, layer listing, session), so one run shows whether memory grows with the view count. Rows are
     appended to ``log`` (JSON lines) as they come, so a run that is stopped keeps what it measured.
     """
     from gsnet_deploy.calib import stats
@@ -75,8 +75,8 @@ def child(step: str, onnx_dir: Path, checkpoints: list[int], classes: int, metho
     def record(done: int, final: bool = False) -> None:
         if done in checkpoints or final:
             row = {"step": step, "views": done, "classes": classes, "method": method if step == "calib" else None}
-            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # the streaming pass
-            kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GIB  # ModelOpt's placement pass
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # the whole step runs here
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GIB  # any child process (none today)
             row.update({"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gib": _peak_gib(), "final": final})
             row.update({"self_peak_rss_gib": round(own, 2), "child_peak_rss_gib": round(kids, 2)})
             rows.append(row)
@@ -87,17 +87,20 @@ def child(step: str, onnx_dir: Path, checkpoints: list[int], classes: int, metho
 
     with tempfile.TemporaryDirectory(prefix="calib_memory.") as tmp:
         if step == "calib":
-            original = stats.collect_histograms
 
-            def collect(*args, progress=None, **kwargs):
-                def both(done: int) -> None:
-                    record(done)
-                    if progress is not None:
-                        progress(done)
+            def recording(original):  # the streaming pass's progress callback also records a row
+                def collect(*args, progress=None, **kwargs):
+                    def both(done: int) -> None:
+                        record(done)
+                        if progress is not None:
+                            progress(done)
 
-                return original(*args, progress=both, **kwargs)
+                    return original(*args, progress=both, **kwargs)
 
-            stats.collect_histograms = collect  # type: ignore[assignment]
+                return collect
+
+            stats.collect_histograms = recording(stats.collect_histograms)  # type: ignore[assignment]
+            stats.collect_amax = recording(stats.collect_amax)  # type: ignore[assignment]
             quantize_image_graph(onnx_dir, Path(tmp), data, text_embeds=embeds, method=CalibMethod(method), progress=False)
         elif step == "autocast":
             from gsnet_deploy.export.fp16 import make_fp16_onnx
@@ -147,7 +150,10 @@ def machine_card() -> dict:
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "modelopt": modelopt.__version__,
-        "note": "shared with up to 7 other helpers' jobs at the time; heavy jobs serialized by flock /tmp/gsnet-heavy.lock",
+        "note": (
+            "shared with up to 4 other helpers' jobs at the time (their tests and builds); "
+            "heavy jobs serialized by flock /tmp/gsnet-heavy.lock"
+        ),
     }
 
 
@@ -159,8 +165,8 @@ def to_markdown(payload: dict) -> str:
         f"Command: `{payload['command']}`",
         "",
         "Each step is one child process over the largest view count; the rows at fewer views are its peak RSS",
-        "and elapsed time when that many views were done (placement pass included); the last row of a step is",
-        "the whole step (scales written / model converted). `export` is `gsnet export onnx` under `/usr/bin/time -v`.",
+        "and elapsed time when that many views were done (setup included); the last row of a step is the whole",
+        "step (Q/DQ models written / model converted). `export` is `gsnet export onnx` under `/usr/bin/time -v`.",
         "",
         "| step | views | classes | method | peak RSS (GiB) | wall (s) |",
         "|---|---|---|---|---|---|",

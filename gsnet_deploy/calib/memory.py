@@ -4,9 +4,9 @@ Available memory is the smaller of ``MemAvailable`` (``/proc/meminfo``) and the 
 (cgroup v2 ``memory.max - memory.current``, or v1 ``limit_in_bytes - usage_in_bytes``), so a
 container limit counts as well as the host's free memory.
 
-Estimates (``calibration_bytes``, ``autocast_bytes``) are lower bounds measured on the paper-size
-model (see ``benchmarks/results/calib_memory_*``): a host below them would be stopped by the
-out-of-memory killer anyway, minutes later; above them the job may still be tight.
+Estimates (``calibration_bytes``, ``autocast_bytes``) are lower bounds, about 85% of the peaks measured
+on the paper-size model (``benchmarks/results/calib_memory_2026-11-29.md``): a host below them would
+be stopped by the out-of-memory killer anyway, minutes later; above them the job may still be tight.
 """
 
 from __future__ import annotations
@@ -73,23 +73,27 @@ def model_bytes(model_path: Path) -> int:
 def calibration_bytes(model_path: Path, num_classes: int) -> int:
     """Lower bound of peak memory of ``quantize_image_graph`` on this image graph, views streamed one at a time.
 
-    From the paper-size graph (0.72 GB of weights, N=40): ModelOpt's placement pass holds about four
-    copies of the weights; the streaming pass one copy plus one view's quantized activations, most of
-    them per class (shape inference at B=1, N=40: 1.39 GiB in all, ~20 MB per class, about W / 34).
-    The view count does not enter: views are streamed.
+    Measured on the paper-size graph (W = 0.72 GB of weights, N = 40 classes, 2026-11-29,
+    ``benchmarks/results/calib_memory_2026-11-29.md``): 6.15 GiB (9.1 W), the same at 8, 32 and 64
+    views; about 2 W for the model (the session's copy and the writer's) and the rest one view's
+    activations, which grow with the classes. The estimate, ``2 W + N * W / 7``, is 85% of that figure
+    at N = 40: a host below it would be stopped by the out-of-memory killer anyway. The view count does
+    not enter: views are streamed.
     """
     weights = model_bytes(model_path)
-    return 4 * weights + num_classes * (weights // 34)
+    return 2 * weights + num_classes * (weights // 7)
 
 
 def autocast_bytes(model_path: Path, num_classes: int = 0) -> int:
     """Lower bound of peak memory of FP16 AutoCast with the streamed reference run (``export.fp16``).
 
-    AutoCast holds about four copies of the model (sanitized, typed, serialized for the session, the
-    session's own); the reference run is one plain inference of one batch.
+    Measured on the paper-size image graph (W = 0.72 GB, N = 40, one view per batch, 2026-11-29):
+    6.37 GiB after the first reference batch, 6.53 GiB for the whole conversion with two (9.7 W):
+    AutoCast's copies of the model (sanitized, typed, serialized for the session, the session's own)
+    and one view's inference. The estimate, ``3 W + N * W / 8``, is 83% of that figure at N = 40.
     """
     weights = model_bytes(model_path)
-    return 4 * weights + num_classes * (weights // 34)
+    return 3 * weights + num_classes * (weights // 8)
 
 
 def require_memory(needed: int, what: str, *, hint: str = "") -> None:

@@ -1,8 +1,8 @@
 """Importing NVIDIA ModelOpt where only TensorRT's type stubs are installed.
 
-Both the INT8 quantization (``calib.quantize``) and the FP16 AutoCast (``export.fp16``) call
-ModelOpt; the workaround lives here, on the lower floor, so that ``export`` imports ``calib`` and
-never the other way round.
+The FP16 AutoCast (``export.fp16``) calls ModelOpt (the INT8 Q/DQ nodes are written by ``calib.qdq``
+without it; tests still call ModelOpt's ONNX PTQ as an independent reference); the workaround lives
+here, on the lower floor, so that ``export`` imports ``calib`` and never the other way round.
 """
 
 from __future__ import annotations

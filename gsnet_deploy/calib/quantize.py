@@ -1,23 +1,28 @@
-"""INT8 Q/DQ model of the image graph by ModelOpt ONNX post-training quantization, on the CPU.
+"""INT8 Q/DQ models of the image graph (and the paper graphs), calibrated on the CPU in bounded memory.
 
-Explicit quantization only: ``modelopt.onnx.quantization.quantize`` (NVIDIA TensorRT Model
-Optimizer, Apache-2.0) writes QuantizeLinear / DequantizeLinear pairs into the graph; TensorRT then
-runs INT8 exactly where the Q/DQ nodes say. TensorRT's implicit calibrator (deprecated in 10.1,
-removed in 11) is never used. Activation ranges come from ``calib.stats``: ModelOpt places the
-nodes after a one-view pass, then the FP32 graph streams the calibration views one at a time through
-ONNX Runtime (CPU) returning only the quantized tensors, so memory does not grow with the views
-(ModelOpt's own calibration was OOM-killed at 24 GB on the paper-size graph with 10 views).
-The rest of the graph keeps FP32 (``high_precision_dtype="fp32"``); the ``best`` precision derives
-FP16 elsewhere from this model with AutoCast (``export.build``), so one calibration serves both.
+Explicit quantization only: QuantizeLinear / DequantizeLinear pairs in the ONNX graph, written by
+``calib.qdq`` (onnx + numpy) where TensorRT's explicit quantization wants them; TensorRT then runs
+INT8 exactly there. TensorRT's implicit calibrator (deprecated in 10.1, removed in 11) is never used,
+and neither is ModelOpt's ONNX PTQ: its placement pass alone peaked at 10 GiB on the paper-size
+graph, and its own calibration was OOM-killed at 24 GB with 10 views. Activation ranges come from
+``calib.stats``: the FP32 graph streams the calibration views one at a time through ONNX Runtime
+(CPU) returning only the quantized tensors' absolute maxima (``max``) or the tensors themselves
+folded into fixed histograms (``entropy``), so memory does not grow with the views. The rest of the
+graph keeps FP32; the ``best`` precision derives FP16 elsewhere from this model with AutoCast
+(``export.derived_models``), so one calibration serves both.
 
-Placement (``qdq_placement``): only the weighted layers are quantized (Conv, ConvTranspose, and
-MatMul / Gemm with a weight initializer). Left in high precision: every MatMul of two activations
-(softmax attention, QGFF's cosine cost volumes, the class transformer's linear attention, whose
-``elu+1`` sums reach thousands), the whole QGFF, the class transformer (its padded class axis mixes
-all classes), the text projection, and the 32->1 head conv that writes the logits. With ModelOpt's
-default placement (Add, Mul, LayerNorm, Slice inputs quantized too) the tiny config's logits drift
-about 0.12 relative L2 from FP32; with this placement about 0.04 (see the closing notes of the
-TensorRT issue).
+Placement (``SENSITIVE_NODES``, ``calib.qdq.quantized_layers``): only the weighted layers are
+quantized (Conv, ConvTranspose, and MatMul / Gemm with a weight initializer). Left in high precision:
+every MatMul of two activations (softmax attention, QGFF's cosine cost volumes, the class
+transformer's linear attention, whose ``elu+1`` sums reach thousands), the whole QGFF, the class
+transformer (its padded class axis mixes all classes), the text projection, and the 32->1 head conv
+that writes the logits. With ModelOpt's default placement (Add, Mul, LayerNorm, Slice inputs
+quantized too) the tiny config's logits drift about 0.12 relative L2 from FP32; with this placement
+about 0.04 (0.036 on 2026-11-29; ``tests/calib/test_quantize.py`` says why 0.28 was seen in between).
+
+The ranges are recorded by layer (``calib.qdq.LayerKey``, a digest of the layer's weight) in the
+model's ``.json`` sidecar, so ``quantize_paper_graphs`` gives ``paper_encoder.onnx`` and
+``paper_head.onnx`` the same Q/DQ nodes without calibrating them again.
 """
 
 from __future__ import annotations
@@ -26,14 +31,15 @@ import enum
 import json
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from gsnet_deploy.calib.modelopt_import import modelopt_without_stub_tensorrt
+from gsnet_deploy.calib.qdq import QUANTIZED_OP_TYPES
 from gsnet_deploy.contracts import io_names
-from gsnet_deploy.contracts.derived import INT8_FILE, read_model_digest
+from gsnet_deploy.contracts.derived import INT8_FILE, INT8_PAPER_FILES, read_model_digest, read_sidecar
+from gsnet_deploy.contracts.engine_manifest import PAPER_GRAPHS, Graph
 from gsnet_deploy.errors import ExportError
 from gsnet_deploy.runtime.ort_session import open_session
 from gsnet_deploy.runtime.protocol import NUM_VIEWS
@@ -46,14 +52,13 @@ class CalibMethod(enum.Enum):
     calibrator with 128 histogram bins and 128 quantized bins, which leaves a single candidate, the
     full range: it was ``max`` under another name. The real KL search (``entropy`` here) clips, and
     on GSNet's graphs that costs accuracy (relative L2 of the logits against FP32, max vs entropy:
-    tiny graph 0.28 vs 0.34, stand-in graph 0.04 vs 0.19).
+    tiny graph 0.036 vs 0.26, stand-in graph 0.04 vs 0.19).
     """
 
     MAX = "max"  # absolute maximum, no clipping (what the pre-streaming calibration gave)
     ENTROPY = "entropy"  # KL-divergence threshold over a 2048-bin |x| histogram (TensorRT's classic entropy calibration)
 
 
-QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # anchored regexes of node names kept in high precision (ModelOpt matches them with re.match)
 SENSITIVE_NODES = (
     r"/qgff/.*",  # cosine cost volumes and their 7x7 convs: small differences decide the class
@@ -66,7 +71,9 @@ SENSITIVE_NODES = (
 
 
 def qdq_placement(model_path: Path) -> tuple[list[str], list[str]]:
-    """Op types to quantize and node-name patterns to exclude for the image graph at ``model_path``.
+    """The same placement in ModelOpt's terms: op types to quantize and node-name patterns to exclude.
+
+    Used to compare ``calib.qdq`` against ModelOpt's own ONNX PTQ (tests), never to quantize.
 
     Returns:
         ``(op_types_to_quantize, nodes_to_exclude)`` for ``modelopt.onnx.quantization.quantize``:
@@ -83,29 +90,6 @@ def qdq_placement(model_path: Path) -> tuple[list[str], list[str]]:
         node.name for node in model.graph.node if node.op_type == "MatMul" and not weights.intersection(node.input[:2])
     ]
     return list(QUANTIZED_OP_TYPES), [*SENSITIVE_NODES, *(re.escape(n) + "$" for n in activation_matmuls)]
-
-
-class _FeedReader:
-    """ONNX Runtime ``CalibrationDataReader`` over fixed feed dicts (ModelOpt also calls ``get_first``)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self._feeds = feeds
-        self._next = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= len(self._feeds):
-            return None
-        self._next += 1
-        return self._feeds[self._next - 1]
-
-    def get_first(self) -> dict[str, np.ndarray]:
-        return self._feeds[0]
-
-    def rewind(self) -> None:
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._feeds)
 
 
 def image_graph_feeds(views: np.ndarray, text_embeds: np.ndarray, batch: int = NUM_VIEWS) -> list[dict[str, np.ndarray]]:
@@ -145,40 +129,6 @@ def reference_text_embeds(onnx_dir: Path, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(embeds, dtype=np.float32)
 
 
-def _placement_pass(
-    src: Path, tmp_out: Path, first_feed: dict[str, np.ndarray], op_types: list[str], excluded: list[str]
-) -> None:
-    """ModelOpt writes the Q/DQ nodes after a max calibration on ``first_feed`` (one view; its scales are replaced).
-
-    ``calibration_shapes`` makes ModelOpt's GEMV check use shape inference at the engine's opt shape
-    (5 views) instead of an inference run that returns every MatMul output.
-    """
-    from modelopt.onnx.quantization import quantize
-
-    num_classes, embed_dim = first_feed[io_names.TEXT_EMBEDS].shape
-    size = first_feed[io_names.IMAGES].shape[-1]
-    shapes = f"{io_names.IMAGES}:{NUM_VIEWS}x3x{size}x{size},{io_names.TEXT_EMBEDS}:{num_classes}x{embed_dim}"
-    try:
-        with modelopt_without_stub_tensorrt():
-            quantize(
-                onnx_path=str(src),
-                quantize_mode="int8",
-                calibration_data_reader=_FeedReader([first_feed]),
-                calibration_method=CalibMethod.MAX.value,
-                calibration_shapes=shapes,
-                calibration_eps=["cpu"],
-                high_precision_dtype="fp32",
-                op_types_to_quantize=op_types,
-                nodes_to_exclude=excluded,
-                output_path=str(tmp_out),
-                log_level="WARNING",
-            )
-    except (ValueError, RuntimeError, AssertionError) as err:
-        raise ExportError(f"ModelOpt INT8 quantization of {src} failed ({err}); check the ONNX model.") from err
-    if not tmp_out.is_file():
-        raise ExportError(f"ModelOpt wrote no quantized model for {src}; check the log above.")
-
-
 def _view_feeds(views: np.ndarray, text_embeds: np.ndarray, per_run: int) -> Iterator[dict[str, np.ndarray]]:
     """Feeds of ``per_run`` views each, made one at a time (the views array is not copied as a whole)."""
     embeds = np.ascontiguousarray(text_embeds, dtype=np.float32)
@@ -196,14 +146,16 @@ def quantize_image_graph(
     calibration_note: str = "",
     views_per_run: int = 1,
     progress: bool = True,
-    isolate: bool = True,
+    paper_graphs: bool = True,
 ) -> Path:
     """Write ``out_dir/image_graph.int8.onnx``: the image graph with INT8 Q/DQ nodes, calibrated on ``views``.
 
-    Two passes (``calib.stats``): ModelOpt places the Q/DQ nodes after a max calibration on the first
-    view; then the FP32 graph runs ``views_per_run`` views at a time returning only the tensors that
-    got a QuantizeLinear, each folded into a fixed-size histogram, and the scales from those
-    histograms replace ModelOpt's. Peak memory does not depend on the number of views.
+    Three steps, one model in memory at a time: the quantized layers are read from the FP32 graph
+    (``calib.qdq.quantized_layers``); the FP32 graph runs ``views_per_run`` views at a time returning
+    only their activation inputs' ranges (``calib.stats``); the Q/DQ nodes are written with those
+    ranges (``calib.qdq.insert_qdq``). Peak memory does not depend on the number of views.
+    With ``paper_graphs`` and paper graphs in ``onnx_dir``, their Q/DQ models follow
+    (``quantize_paper_graphs``).
 
     Args:
         onnx_dir: folder with the FP32 ``image_graph.onnx`` and its ``manifest.json``.
@@ -213,10 +165,10 @@ def quantize_image_graph(
             e.g. ``reference_text_embeds``); all N together, the class transformer mixes them.
         method: activation range method.
         calibration_note: where the views came from, recorded in the ``.json`` record.
-        views_per_run: views per ONNX Runtime run of the streaming pass (memory grows with it).
+        views_per_run: views per ONNX Runtime run (memory grows with it).
         progress: show a progress bar with an ETA on stderr.
-        isolate: run ModelOpt's placement pass in a child process (its memory is returned before the
-            streaming pass; False runs it here, for debugging).
+        paper_graphs: also write ``paper_encoder.int8.onnx`` / ``paper_head.int8.onnx`` where the
+            ONNX folder has their FP32 graphs.
 
     Returns:
         Path of the Q/DQ model.
@@ -228,7 +180,7 @@ def quantize_image_graph(
     """
     import onnx
 
-    from gsnet_deploy.calib import stats
+    from gsnet_deploy.calib import qdq, stats
     from gsnet_deploy.calib.memory import calibration_bytes, require_memory
     from gsnet_deploy.contracts.atomic import AtomicFiles
     from gsnet_deploy.contracts.derived import sidecar_path
@@ -246,50 +198,113 @@ def quantize_image_graph(
         f"INT8 calibration of {src} with {text_embeds.shape[0]} classes",
         hint="calibrate with fewer classes (--num-classes)",
     )
-    op_types, excluded = qdq_placement(src)
+    model = onnx.load(str(src))
+    layers = qdq.quantized_layers(model, exclude=SENSITIVE_NODES)
+    del model  # the streaming pass holds only its own copy
+    if not layers:
+        raise ExportError(f"{src} has no weighted layer to quantize; is it GSNet's image graph?")
+    tensors = sorted({layer.activation for layer in layers})
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / INT8_FILE
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=out_dir) as tmp:
-        tmp_out = Path(tmp) / INT8_FILE
-        first = next(_view_feeds(views[:1], text_embeds, 1))
-        if isolate:
-            # NOTE: ModelOpt holds several copies of the model and leaves garbage that the allocator keeps;
-            # in a child process all of it goes back to the system before the streaming pass starts.
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                pool.submit(_placement_pass, src, tmp_out, first, op_types, excluded).result()
-        else:
-            _placement_pass(src, tmp_out, first, op_types, excluded)
-        qdq = onnx.load(str(tmp_out))
-        groups = stats.activation_quantizers(qdq)
-        tensors = sorted({t for names in groups.values() for t in names})
-        del qdq  # the streaming pass holds only the FP32 model
-        session = stats.stats_session(src, tensors, Path(tmp))
+        reduce = method is CalibMethod.MAX
+        session = stats.stats_session(src, tensors, Path(tmp), reduce=reduce)
         runs = -(-views.shape[0] // views_per_run)
         bar = stats.Progress(runs * views_per_run, f"INT8 calibration ({method.value}, {len(tensors)} tensors)", enabled=progress)
-        hists = stats.collect_histograms(
-            session, tensors, _view_feeds(views, text_embeds, views_per_run),
-            progress=lambda done: bar(min(done * views_per_run, views.shape[0])),
-        )  # fmt: skip
+        feeds = _view_feeds(views, text_embeds, views_per_run)
+        step = lambda done: bar(min(done * views_per_run, views.shape[0]))  # noqa: E731
+        if reduce:
+            amax = stats.collect_amax(session, tensors, feeds, progress=step)
+        else:
+            hists = stats.collect_histograms(session, tensors, feeds, progress=step)
+            amax = {t: stats.scale_of(h, method.value) * stats.INT8_MAX for t, h in hists.items()}
         seconds = bar.close()
         del session
-        scales = {scale: max(stats.scale_of(hists[t], method.value) for t in names) for scale, names in groups.items()}
-        qdq = onnx.load(str(tmp_out))
-        stats.write_scales(qdq, scales)
-        record = {
+    by_key: dict[str, float] = {}
+    for layer in layers:
+        by_key[layer.key] = max(by_key.get(layer.key, 0.0), float(amax[layer.activation]))
+    model = onnx.load(str(src))
+    qdq.insert_qdq(model, layers, by_key)
+    record = {
+        "model_digest": digest,
+        "calibration_method": method.value,
+        "num_views": int(views.shape[0]),
+        "num_classes": int(text_embeds.shape[0]),
+        "calibration_note": calibration_note,
+        "calibrated_tensors": len(tensors),
+        "calibration_seconds": round(seconds, 1),
+        "quantized_op_types": list(QUANTIZED_OP_TYPES),
+        "excluded_nodes": list(SENSITIVE_NODES),
+        "made_by": "gsnet_deploy.calib.qdq",
+        "activation_amax": dict(sorted(by_key.items())),  # by layer key: what quantize_paper_graphs reads
+    }
+    with AtomicFiles() as files:
+        onnx.save(model, str(files.part(dst)))
+        files.part(sidecar_path(dst)).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    del model
+    if paper_graphs:
+        quantize_paper_graphs(onnx_dir, out_dir)
+    return dst
+
+
+def quantize_paper_graphs(onnx_dir: Path, int8_dir: Path) -> dict[Graph, Path]:
+    """Write ``paper_encoder.int8.onnx`` / ``paper_head.int8.onnx`` next to ``int8_dir/image_graph.int8.onnx``.
+
+    The paper graphs hold the image graph's layers under other names; each layer whose weight matches
+    a calibrated layer of the image graph (``calib.qdq.LayerKey``) gets the same Q/DQ nodes, with the
+    activation range recorded in ``image_graph.int8.onnx.json``. No calibration run: this takes
+    one graph load and save each. What TensorRT's INT8 paper engines are built from.
+
+    Args:
+        onnx_dir: the exported ONNX folder (FP32 paper graphs and ``manifest.json``).
+        int8_dir: folder of ``image_graph.int8.onnx`` (from ``quantize_image_graph``); the paper Q/DQ
+            models and their ``.json`` records are written there.
+
+    Returns:
+        The Q/DQ model of each paper graph the ONNX folder has (none for a folder without them).
+
+    Raises:
+        ExportError: no image Q/DQ model with recorded ranges for these weights in ``int8_dir``, or a
+            paper graph has none of the calibrated layers.
+
+    """
+    import onnx
+
+    from gsnet_deploy.calib import qdq
+    from gsnet_deploy.contracts.atomic import AtomicFiles
+    from gsnet_deploy.contracts.derived import sidecar_path
+
+    onnx_dir, int8_dir = Path(onnx_dir), Path(int8_dir)
+    image_qdq = int8_dir / INT8_FILE
+    record = read_sidecar(image_qdq) or {}
+    digest = read_model_digest(onnx_dir)
+    amax = record.get("activation_amax")
+    if not image_qdq.is_file() or record.get("model_digest") != digest or not isinstance(amax, Mapping):
+        raise ExportError(
+            f"No Q/DQ image model with ranges for these weights in {int8_dir}; run `gsnet calib --onnx {onnx_dir}` first."
+        )
+    written: dict[Graph, Path] = {}
+    for graph in PAPER_GRAPHS:
+        src = onnx_dir / graph.onnx_file
+        if not src.is_file():
+            continue
+        model = onnx.load(str(src))
+        layers = qdq.quantized_layers(model, keys=set(amax))
+        if not layers:
+            raise ExportError(f"{src.name} has none of the layers calibrated in {image_qdq.name}; re-export the ONNX folder.")
+        qdq.insert_qdq(model, layers, {k: float(v) for k, v in amax.items()})
+        dst = int8_dir / INT8_PAPER_FILES[graph]
+        payload = {
             "model_digest": digest,
-            "calibration_method": method.value,
-            "num_views": int(views.shape[0]),
-            "num_classes": int(text_embeds.shape[0]),
-            "calibration_note": calibration_note,
-            "calibrated_tensors": len(tensors),
-            "calibration_seconds": round(seconds, 1),
-            "quantized_op_types": op_types,
-            "excluded_nodes": list(SENSITIVE_NODES),
+            "made_from": f"{graph.onnx_file} with the ranges of {INT8_FILE}",
+            "made_by": "gsnet_deploy.calib.qdq",
+            "quantized_layers": len(layers),
+            "calibration_method": record.get("calibration_method"),
+            "num_views": record.get("num_views"),
         }
         with AtomicFiles() as files:
-            onnx.save(qdq, str(files.part(dst)))
-            files.part(sidecar_path(dst)).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return dst
+            onnx.save(model, str(files.part(dst)))
+            files.part(sidecar_path(dst)).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        del model
+        written[graph] = dst
+    return written

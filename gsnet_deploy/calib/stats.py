@@ -7,15 +7,14 @@ each), and its GEMV check first runs the graph returning every MatMul output (DI
 maps, ~1.3 GB each for 5 views). That is what the OOM killer stopped at 24 GB.
 
 Here, instead:
-- ModelOpt places the Q/DQ nodes after a calibration on a single view (cheap), and its GEMV check
-  uses shape inference (``calibration_shapes``), no inference run;
-- this module reads which activation tensors got a QuantizeLinear (``activation_quantizers``), runs
-  the FP32 graph one view at a time returning only those tensors (``collect_histograms``), and folds
-  each into a per-tensor histogram of absolute values (``AbsHistogram``) that never grows;
-- the scales (``amax / 127``, symmetric INT8 as ModelOpt writes them) replace the single-view ones
-  (``write_scales``).
+- ``calib.qdq`` lists the quantized layers from the FP32 graph itself (no ModelOpt pass);
+- the FP32 graph runs one view at a time returning only those layers' activation inputs: their
+  absolute maxima reduced inside the graph (``stats_session(reduce=True)``, ``collect_amax``) for
+  ``max``, or the tensors folded into per-tensor histograms of absolute values that never grow
+  (``AbsHistogram``, ``collect_histograms``) for ``entropy``;
+- the scales are ``amax / 127`` (symmetric INT8, as ModelOpt writes them).
 
-Peak memory is one view's quantized tensors plus the model, whatever the number of views.
+Peak memory is one view's inference plus the model, whatever the number of views.
 Methods: ``max`` (absolute maximum) and ``entropy`` (KL-divergence threshold over a 2048-bin
 histogram of ``|x|`` quantized to 128 levels, the classic TensorRT entropy calibration).
 """
@@ -24,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,45 +148,6 @@ def entropy_amax(
     return best_i * top / bins
 
 
-def activation_quantizers(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Scale initializer -> activation tensors quantized with it, for every QuantizeLinear on an activation.
-
-    Weights (QuantizeLinear of an initializer, or ModelOpt's weight-only DequantizeLinear) are left out:
-    their scales come from the weights themselves.
-    """
-    initializers = {init.name for init in model.graph.initializer}
-    constants = {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
-    groups: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in initializers or node.input[0] in constants:
-            continue
-        if node.input[1] not in initializers:
-            raise ExportError(f"QuantizeLinear {node.name!r} has no scale initializer; the Q/DQ model is not ModelOpt's.")
-        tensors = groups.setdefault(node.input[1], [])
-        if node.input[0] not in tensors:
-            tensors.append(node.input[0])
-    return groups
-
-
-def write_scales(model: onnx.ModelProto, scales: Mapping[str, float]) -> int:
-    """Overwrite the named scale initializers (float32 scalars) in place; returns how many were written.
-
-    Raises:
-        ExportError: a name is not a scalar initializer of ``model``.
-
-    """
-    from onnx import numpy_helper
-
-    by_name = {init.name: init for init in model.graph.initializer}
-    for name, value in scales.items():
-        init = by_name.get(name)
-        if init is None or numpy_helper.to_array(init).size != 1:
-            raise ExportError(f"Scale {name!r} is not a scalar initializer of the Q/DQ model; re-run `gsnet calib`.")
-        old = numpy_helper.to_array(init)
-        init.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=np.float32).reshape(old.shape), name))
-    return len(scales)
-
-
 def scale_of(hist: AbsHistogram, method: str) -> float:
     """INT8 scale ``amax / 127`` of one tensor's histogram; ``method`` is ``"max"`` or ``"entropy"``."""
     amax = hist.amax if method == "max" else entropy_amax(hist.counts, hist.top)
@@ -196,14 +156,23 @@ def scale_of(hist: AbsHistogram, method: str) -> float:
     return amax / INT8_MAX
 
 
-def stats_session(model_path: Path, tensors: Sequence[str], work_dir: Path, *, threads: int = 0) -> object:
+AMAX_SUFFIX = "__absmax"  # output name of a tensor's in-graph absolute maximum (stats_session(reduce=True))
+
+
+def stats_session(model_path: Path, tensors: Sequence[str], work_dir: Path, *, threads: int = 0, reduce: bool = False) -> object:
     """ONNX Runtime CPU session of ``model_path`` that returns ``tensors`` (and nothing else).
 
     The model with the extra outputs is written to ``work_dir`` (weights stay in one copy: the proto
     is dropped before the session loads the file). The CPU memory arena is off so that memory freed
     between views goes back to the system instead of staying reserved at its peak.
+
+    With ``reduce``, each tensor's absolute maximum is computed inside the graph (``Abs -> ReduceMax``)
+    and returned as ``<tensor>__absmax`` instead of the tensor (``collect_amax``): no tensor is copied
+    out to Python and no histogram is folded. (The peak is not what this saves: on the paper graph with
+    two views it stayed under the 6.75 GiB bound of ``tests/calib/test_paper_memory.py`` either way.)
     """
     import onnx
+    from onnx import helper
 
     from gsnet_deploy.runtime.ort_session import open_session
 
@@ -214,8 +183,17 @@ def stats_session(model_path: Path, tensors: Sequence[str], work_dir: Path, *, t
     if missing:
         raise ExportError(f"Calibrated tensor {missing[0]!r} is not in {model_path.name}; the Q/DQ model is for another graph.")
     del model.graph.output[:]
-    for name in tensors:
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    for index, name in enumerate(tensors):
+        if reduce:
+            model.graph.node.extend(
+                [
+                    helper.make_node("Abs", [name], [f"__amax{index}_abs"], name=f"__amax{index}_Abs"),
+                    helper.make_node(
+                        "ReduceMax", [f"__amax{index}_abs"], [name + AMAX_SUFFIX], name=f"__amax{index}_ReduceMax", keepdims=0
+                    ),
+                ]
+            )
+        model.graph.output.append(onnx.ValueInfoProto(name=name + AMAX_SUFFIX if reduce else name))
     path = Path(work_dir) / "stats_model.onnx"
     large = model.ByteSize() > 1_900_000_000
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=path.name + ".data")
@@ -252,6 +230,33 @@ def collect_histograms(
         if progress is not None:
             progress(done)
     return hists
+
+
+def collect_amax(
+    session: object,
+    tensors: Sequence[str],
+    feeds: Iterable[dict[str, np.ndarray]],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Absolute maximum of each tensor over all feeds, from a ``stats_session(..., reduce=True)``.
+
+    Raises:
+        ExportError: a tensor holds inf or NaN.
+
+    """
+    amax = dict.fromkeys(tensors, 0.0)
+    names = [t + AMAX_SUFFIX for t in tensors]
+    run = session.run  # type: ignore[attr-defined]
+    for done, feed in enumerate(feeds, start=1):
+        for name, value in zip(tensors, run(names, feed)):
+            value = float(value)
+            if not math.isfinite(value):
+                raise ExportError(f"Activation {name!r} holds inf or NaN; check the FP32 model on the calibration views.")
+            amax[name] = max(amax[name], value)
+        if progress is not None:
+            progress(done)
+    return amax
 
 
 class Progress:
@@ -318,20 +323,29 @@ def tensor_ranges(
     types = {vi.name: vi.type.tensor_type.elem_type for vi in (*graph.input, *graph.value_info, *graph.output)}
     names = [vi.name for vi in graph.input] + [out for node in graph.node for out in node.output if out]
     names = [n for n in dict.fromkeys(names) if types.get(n) in FLOAT_ELEM_TYPES]
-    node_count, saved_outputs = len(graph.node), list(graph.output)
+    saved_nodes, saved_outputs = list(graph.node), list(graph.output)
     outputs: list[str] = []
+    reductions: dict[str, list[onnx.NodeProto]] = {}
     for index, name in enumerate(names):
         stem = f"__range{index}"
-        graph.node.extend(
-            [
-                helper.make_node("Abs", [name], [f"{stem}_abs"], name=f"{stem}_Abs"),
-                helper.make_node("ReduceMax", [f"{stem}_abs"], [f"{stem}_absmax"], name=f"{stem}_AbsMax", keepdims=0),
-                helper.make_node("ReduceMin", [name], [f"{stem}_min"], name=f"{stem}_Min", keepdims=0),
-                helper.make_node("ReduceMax", [name], [f"{stem}_max"], name=f"{stem}_Max", keepdims=0),
-                helper.make_node("Shape", [name], [f"{stem}_shape"], name=f"{stem}_Shape"),
-            ]
-        )
+        reductions[name] = [
+            helper.make_node("Abs", [name], [f"{stem}_abs"], name=f"{stem}_Abs"),
+            helper.make_node("ReduceMax", [f"{stem}_abs"], [f"{stem}_absmax"], name=f"{stem}_AbsMax", keepdims=0),
+            helper.make_node("ReduceMin", [name], [f"{stem}_min"], name=f"{stem}_Min", keepdims=0),
+            helper.make_node("ReduceMax", [name], [f"{stem}_max"], name=f"{stem}_Max", keepdims=0),
+            helper.make_node("Shape", [name], [f"{stem}_shape"], name=f"{stem}_Shape"),
+        ]
         outputs += [f"{stem}_absmax", f"{stem}_min", f"{stem}_max", f"{stem}_shape"]
+    # NOTE: each tensor's reductions right after its producer, run in that order (priority_order): with them
+    # appended at the end, ONNX Runtime's default order kept every tensor alive until the end of the run (tiny
+    # graph, N=40: 2.1 GiB vs 0.48 GiB plain; the paper-size graph was OOM-killed above 15 GiB). Now 0.47 GiB.
+    order = [node for name in (vi.name for vi in graph.input) for node in reductions.get(name, ())]
+    for node in saved_nodes:
+        order.append(node)
+        order.extend(n for out in node.output for n in reductions.get(out, ()))
+    del graph.node[:]
+    graph.node.extend(order)
+    del order, reductions
     del graph.output[:]
     graph.output.extend(onnx_value(name) for name in outputs)
     try:
@@ -339,10 +353,11 @@ def tensor_ranges(
             raise ExportError("The model is over 2 GiB with its weights inline; range collection needs it under 2 GiB.")
         payload = model.SerializeToString()
     finally:
-        del graph.node[node_count:]
+        del graph.node[:]
+        graph.node.extend(saved_nodes)
         del graph.output[:]
         graph.output.extend(saved_outputs)
-    session = open_session(payload, memory_arena=False, quiet=True)
+    session = open_session(payload, memory_arena=False, quiet=True, priority_order=True, fuse_quantized=False)
     del payload
     ranges: dict[str, TensorRange] = {}
     for done, feed in enumerate(feeds, start=1):

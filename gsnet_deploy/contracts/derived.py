@@ -36,6 +36,8 @@ class OnnxVariant(enum.Enum):
 
 
 INT8_FILE = OnnxVariant.INT8.file_name(Graph.IMAGE)  # "image_graph.int8.onnx", from `gsnet calib`
+# paper_encoder.int8.onnx, paper_head.int8.onnx: Q/DQ with the image graph's ranges (calib.quantize.quantize_paper_graphs)
+INT8_PAPER_FILES = {graph: OnnxVariant.INT8.file_name(graph) for graph in (Graph.PAPER_ENCODER, Graph.PAPER_HEAD)}
 
 
 def sidecar_path(model_path: Path) -> Path:

@@ -203,3 +203,56 @@ def test_cli_check_synthetic_enforces_gates(
     assert main(["export", "check", "--out", str(folder), "--onnx", str(b.onnx_dir), "--synthetic", "2"]) != 0
     captured = capsys.readouterr()
     assert "FAIL" in captured.out and "accuracy check failed for image_graph.fp16.onnx" in captured.err
+
+
+def _paper_class_maps(encoder: Path, head: Path, images: np.ndarray, embeds: np.ndarray) -> np.ndarray:
+    """The paper graphs on ONNX Runtime CPU: each float32 [3, 384, 384] scene as the uint8 image after
+    ResizeShortestEdge -> class map [S, h, w] at the resized size."""
+    from gsnet_deploy.runtime.ort_session import open_session
+    from gsnet_deploy.runtime.protocol import resize_shortest_edge
+
+    enc, dec = open_session(encoder, quiet=True), open_session(head, quiet=True)
+    maps = []
+    for image in images:
+        resized = resize_shortest_edge(np.clip(np.rint(image), 0, 255).astype(np.uint8).transpose(1, 2, 0))  # [h, w, 3]
+        x = np.ascontiguousarray(resized.transpose(2, 0, 1)[None])  # [1, 3, h, w]
+        features = dict(zip(io_names.PAPER_FEATURES, enc.run(list(io_names.PAPER_FEATURES), {io_names.PAPER_IMAGE: x})))
+        feeds = {**features, io_names.TEXT_EMBEDS: embeds, io_names.OUT_SIZE: np.array(x.shape[2:], np.int64)}
+        maps.append(dec.run([io_names.CLASS_MAP], feeds)[0])
+    return np.stack(maps)
+
+
+def test_int8_paper_graphs_agree_with_fp32_paper_graphs(synthetic_build: SyntheticBuild, tmp_path: Path) -> None:
+    """The paper graphs' Q/DQ models, from the image graph's calibration (calib.quantize.quantize_paper_graphs).
+
+    Bug caught: paper Q/DQ nodes with other ranges than the layers' (measured, 2026-11-29: 98.6% pooled agreement
+    over the 4 held-out scenes; with every paper range x10, the mutation below, far less).
+    """
+    from gsnet_deploy.calib.quantize import quantize_paper_graphs
+    from gsnet_deploy.contracts.derived import INT8_FILE, INT8_PAPER_FILES, read_sidecar, write_sidecar
+    from gsnet_deploy.contracts.engine_manifest import Graph
+
+    b = synthetic_build
+    fp32 = _paper_class_maps(
+        b.onnx_dir / io_names.PAPER_ENCODER_FILE, b.onnx_dir / io_names.PAPER_HEAD_FILE, b.scenes.images, b.embeds
+    )
+    int8 = _paper_class_maps(
+        b.build_dir / INT8_PAPER_FILES[Graph.PAPER_ENCODER],
+        b.build_dir / INT8_PAPER_FILES[Graph.PAPER_HEAD],
+        b.scenes.images,
+        b.embeds,
+    )
+    agreement = float((fp32 == int8).mean())
+    print(f"\nINT8 paper graphs vs FP32 paper graphs, class-map agreement on {len(fp32)} held-out scenes: {agreement:.4f}")
+    assert agreement >= 0.98
+
+    # the same check fails paper Q/DQ models whose ranges are wrong: every recorded range x10
+    folder = tmp_path / "wrong_ranges"
+    folder.mkdir()
+    record = dict(read_sidecar(b.build_dir / INT8_FILE) or {})
+    record["activation_amax"] = {k: 10.0 * v for k, v in record["activation_amax"].items()}
+    (folder / INT8_FILE).write_bytes((b.build_dir / INT8_FILE).read_bytes())
+    write_sidecar(folder / INT8_FILE, record)
+    broken = quantize_paper_graphs(b.onnx_dir, folder)
+    wrong = _paper_class_maps(broken[Graph.PAPER_ENCODER], broken[Graph.PAPER_HEAD], b.scenes.images, b.embeds)
+    assert float((fp32 == wrong).mean()) < 0.97

@@ -1,4 +1,4 @@
-"""INT8 Q/DQ model by ModelOpt ONNX PTQ on the CPU: Q/DQ nodes, runs on ONNX Runtime, close to FP32."""
+"""INT8 Q/DQ models (calib.quantize, calib.qdq) on the CPU: Q/DQ nodes where ModelOpt puts them, close to FP32."""
 
 from __future__ import annotations
 
@@ -10,12 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from gsnet_deploy.calib.quantize import (
-    CalibMethod,
-    image_graph_feeds,
-    quantize_image_graph,
-    reference_text_embeds,
-)
+from gsnet_deploy.calib.quantize import CalibMethod, image_graph_feeds, quantize_image_graph, reference_text_embeds
 from gsnet_deploy.contracts import io_names
 from gsnet_deploy.errors import ExportError
 from gsnet_deploy.export.check import run_onnx_cpu
@@ -112,6 +107,7 @@ def test_quantize_tiny_graph_places_qdq_on_weighted_layers_only(tiny_qdq: tuple[
 
 @pytest.mark.parametrize("num_classes", [3, 6])
 def test_quantize_tiny_graph_runs_close_to_fp32(tiny_onnx_dir: Path, tiny_qdq: tuple[Path, np.ndarray], num_classes: int) -> None:
+    """Bug caught: Q/DQ nodes that change more than INT8 rounding does (wrong scale, axis or reader)."""
     from gsnet_deploy.runtime.examples import example_image
     from gsnet_deploy.runtime.protocol import paper_views
 
@@ -122,33 +118,89 @@ def test_quantize_tiny_graph_runs_close_to_fp32(tiny_onnx_dir: Path, tiny_qdq: t
     reference = run_onnx_cpu(tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE, feeds)[io_names.LOGITS]
     candidate = run_onnx_cpu(path, feeds)[io_names.LOGITS]
     assert candidate.shape == (3, num_classes, 96, 96) and np.isfinite(candidate).all()
-    # NOTE: on demo weights every class scores almost the same, so relative L2 says little about accuracy
-    # (tests/calib/test_accuracy.py judges INT8 on the trained synthetic model by argmax agreement and mIoU).
-    # FIXME(issue 13): this was 0.04 before the streaming calibration and model split of 2026-11-29 and is
-    # 0.28 now, with the same scales as ModelOpt's own max calibration; cause not found. Until then this is
-    # a loose smoke bound on demo weights, not an accuracy check.
-    assert _rel_l2(reference, candidate) <= 0.35
+    # NOTE: 0.036 measured (2026-11-29), as the 0.04 of 2026-11-27. The 0.28 in between was ONNX Runtime, not
+    # the model: on an AVX2 CPU without VNNI its fused integer kernels saturate unless the session sets
+    # ``session.x64quantprecision`` (runtime.ort_session does); with Q/DQ emulated (ORT_ENABLE_BASIC) it was 0.036.
+    # On demo weights every class scores almost the same, so this is a numerics check, not accuracy
+    # (tests/calib/test_accuracy.py judges INT8 on the trained synthetic model).
+    assert _rel_l2(reference, candidate) <= 0.05
 
 
-def test_streamed_max_scales_equal_modelopt_calibration_on_all_views(
+class _FeedReader:
+    """ONNX Runtime ``CalibrationDataReader`` over fixed feed dicts (ModelOpt also calls ``get_first``)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = feeds
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+    def get_first(self) -> dict[str, np.ndarray]:
+        return self._feeds[0]
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+
+def _qdq_inputs(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int | None, np.ndarray]]:
+    """Quantized tensor -> (scale, axis, zero point) of its QuantizeLinear."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            found[node.input[0]] = (inits[node.input[1]], axis, inits[node.input[2]])
+    return found
+
+
+def _layers_fed_by_dq(model: onnx.ModelProto) -> set[str]:
+    producers = {out: node for node in model.graph.node for out in node.output}
+    return {
+        n.name
+        for n in model.graph.node
+        if n.op_type in {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+        and any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input)
+    }
+
+
+# ModelOpt 0.47 excludes its MHA MatMuls by name but matches the names as regexes (re.match), so excluding
+# "/clip_visual/MatMul_1" also drops "/clip_visual/MatMul_10", the weighted projection of CLIP's patch tokens.
+MODELOPT_PREFIX_QUIRK = "/clip_visual/MatMul_10"
+
+
+def test_qdq_writer_matches_modelopt_on_the_tiny_graph(
     tiny_onnx_dir: Path, tiny_qdq: tuple[Path, np.ndarray], tmp_path: Path
 ) -> None:
-    """The view-by-view scales (calib.stats) against ModelOpt's own max calibration fed every view at once."""
+    """calib.qdq against ModelOpt's own ONNX PTQ (max calibration fed every view at once), an independent writer.
+
+    Bugs caught: a missing or extra quantized layer, another activation scale than max / 127 over all views
+    (e.g. the last view's only), a per-channel weight scale on another axis or of another size, a zero point
+    TensorRT refuses (not INT8 zeros), a Q/DQ model that computes something else than ModelOpt's.
+    """
     from modelopt.onnx.quantization import quantize
 
+    from gsnet_deploy.calib import qdq
     from gsnet_deploy.calib.modelopt_import import modelopt_without_stub_tensorrt
-    from gsnet_deploy.calib.quantize import _FeedReader, qdq_placement
-    from gsnet_deploy.calib.stats import activation_quantizers
+    from gsnet_deploy.calib.quantize import SENSITIVE_NODES, qdq_placement
+    from gsnet_deploy.contracts.derived import read_sidecar
     from gsnet_deploy.runtime.examples import example_image
     from gsnet_deploy.runtime.protocol import paper_views
 
     path, embeds = tiny_qdq
     views = paper_views(example_image(0)).views.astype(np.float32)[[0, 4]]  # the fixture's calibration views
-    op_types, excluded = qdq_placement(tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE)
+    fp32 = tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE
+    op_types, excluded = qdq_placement(fp32)
     reference_path = tmp_path / "reference.onnx"
     with modelopt_without_stub_tensorrt():
         quantize(
-            onnx_path=str(tiny_onnx_dir / io_names.IMAGE_GRAPH_FILE),
+            onnx_path=str(fp32),
             quantize_mode="int8",
             calibration_data_reader=_FeedReader([{io_names.IMAGES: views, io_names.TEXT_EMBEDS: embeds}]),
             calibration_method="max",
@@ -160,9 +212,58 @@ def test_streamed_max_scales_equal_modelopt_calibration_on_all_views(
             log_level="ERROR",
         )
     ours, reference = onnx.load(str(path)), onnx.load(str(reference_path))
-    groups = activation_quantizers(ours)
-    assert groups.keys() == activation_quantizers(reference).keys() and len(groups) > 10
-    values = {i.name: float(onnx.numpy_helper.to_array(i)) for m in (ours,) for i in m.graph.initializer if i.name in groups}
-    expected = {i.name: float(onnx.numpy_helper.to_array(i)) for i in reference.graph.initializer if i.name in groups}
-    for name in groups:
-        assert values[name] == pytest.approx(expected[name], rel=1e-4), name
+    assert _layers_fed_by_dq(ours) - _layers_fed_by_dq(reference) == {MODELOPT_PREFIX_QUIRK}
+    assert _layers_fed_by_dq(reference) <= _layers_fed_by_dq(ours) and len(_layers_fed_by_dq(reference)) > 60
+    got, expected = _qdq_inputs(ours), _qdq_inputs(reference)
+    assert set(expected) <= set(got) and len(set(got) - set(expected)) == 2  # MatMul_10's activation and weight
+    for tensor, (scale, axis, zero) in expected.items():
+        assert got[tensor][1] == axis, tensor
+        np.testing.assert_allclose(got[tensor][0], scale, rtol=1e-5, err_msg=tensor)
+        assert got[tensor][2].dtype == np.int8 and got[tensor][2].shape == zero.shape and not got[tensor][2].any(), tensor
+    assert next(o.version for o in ours.opset_import if o.domain == "") == 19  # as ModelOpt: DQ takes FP16 scales (best)
+
+    # the same placement as ModelOpt (the quirk excluded too) computes what ModelOpt's model computes with the
+    # same scales (ModelOpt's differ in the last float bit, and the random demo weights amplify one flipped
+    # rounding step to ~0.04 rel. L2 at the logits, so its scales are replaced by ours for this comparison)
+    model = onnx.load(str(fp32))
+    layers = qdq.quantized_layers(model, exclude=[*SENSITIVE_NODES, MODELOPT_PREFIX_QUIRK + "$"])
+    qdq.insert_qdq(model, layers, read_sidecar(path)["activation_amax"])
+    same_path = tmp_path / "same_placement.onnx"
+    onnx.save(model, str(same_path))
+    ours_scales = {i.name: i for i in model.graph.initializer if i.name.endswith("_scale")}
+    for init in reference.graph.initializer:
+        if init.name.endswith("_scale"):
+            init.CopyFrom(ours_scales[init.name])
+    onnx.save(reference, str(reference_path))
+    test_views = paper_views(example_image(1)).views.astype(np.float32)[:2]
+    feeds = {io_names.IMAGES: test_views, io_names.TEXT_EMBEDS: embeds}
+    ref_logits = run_onnx_cpu(reference_path, feeds)[io_names.LOGITS]
+    assert _rel_l2(ref_logits, run_onnx_cpu(same_path, feeds)[io_names.LOGITS]) <= 1e-6
+
+
+def test_paper_graphs_get_the_image_graphs_qdq(tiny_onnx_dir: Path, tiny_qdq: tuple[Path, np.ndarray]) -> None:
+    """Bug caught: paper graphs that miss calibrated layers (placement by node name) or get another layer's range."""
+    from gsnet_deploy.calib import qdq
+    from gsnet_deploy.contracts.derived import INT8_PAPER_FILES, read_model_digest, read_sidecar
+    from gsnet_deploy.contracts.engine_manifest import PAPER_GRAPHS
+
+    path, _ = tiny_qdq
+    amax = read_sidecar(path)["activation_amax"]
+    covered: set[str] = set()
+    for graph in PAPER_GRAPHS:
+        int8 = path.parent / INT8_PAPER_FILES[graph]
+        assert read_sidecar(int8)["model_digest"] == read_model_digest(tiny_onnx_dir)
+        layers = qdq.quantized_layers(onnx.load(str(tiny_onnx_dir / graph.onnx_file)), keys=set(amax))
+        got = _qdq_inputs(onnx.load(str(int8)))
+        assert _layers_fed_by_dq(onnx.load(str(int8))) == {layer.node for layer in layers}
+        for layer in layers:
+            assert float(got[layer.activation][0]) == pytest.approx(amax[layer.key] / 127.0, rel=1e-6), layer.node
+        covered |= {layer.key for layer in layers}
+    assert covered == set(amax)  # every layer calibrated on the image graph is quantized in a paper graph
+
+
+def test_paper_graphs_need_a_calibration_of_these_weights(tiny_onnx_dir: Path, tmp_path: Path) -> None:
+    from gsnet_deploy.calib.quantize import quantize_paper_graphs
+
+    with pytest.raises(ExportError, match="run `gsnet calib"):
+        quantize_paper_graphs(tiny_onnx_dir, tmp_path)
