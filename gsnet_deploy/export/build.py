@@ -131,12 +131,10 @@ def _paper_qdq_from_image(onnx_dir: Path, int8_dir: Path, notes: list[str]) -> b
 
     Returns:
         Whether both were written; False where the image Q/DQ model records no ranges (made before
-        they were recorded) or the calibration module has no such function, with a note saying why.
+        they were recorded), with a note saying why.
     """
-    try:
-        from gsnet_deploy.calib.quantize import quantize_paper_graphs
-    except ImportError:
-        return False
+    from gsnet_deploy.calib.quantize import quantize_paper_graphs
+
     try:
         written = quantize_paper_graphs(onnx_dir, int8_dir)
     except ExportError as err:
