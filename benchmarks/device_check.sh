@@ -138,12 +138,8 @@ step kernel_bench 120 '"$PYTHON" benchmarks/kernel_cost_volume.py --out "$STEP_O
 # tiled mode: numpy blending on the host vs blending on the GPU, same run (issue 12 item 3)
 step tiled_blend 120 '"$PYTHON" benchmarks/tiled_blend.py --model-size paper --device cuda --classes 5 40 --out "$STEP_OUT/tiled_blend_gpu"'  # in all.tar.gz
 
-# re-query (encode once, decode per vocabulary) on the GPU, when requery.py has a device option
-if [[ $DRY_RUN == 1 ]] || { wanted requery && has_option benchmarks/requery.py --device; }; then
-    step requery 90 '"$PYTHON" benchmarks/requery.py --model-size paper --device cuda --out "$STEP_OUT/requery_gpu"'
-else
-    skip requery "benchmarks/requery.py has no --device option"
-fi
+# re-query (encode once, decode per vocabulary) on the GPU, N=5 and N=40 (issue 15 item 3)
+step requery 150 'for n in 5 40; do "$PYTHON" benchmarks/requery.py --model-size paper --device cuda --fp16 --classes $n --out "$STEP_OUT/requery_gpu_n$n" || exit 1; done'
 
 # --- the numbers against the targets (issues 12, 15, 17); reads what the steps wrote
 if [[ $DRY_RUN != 1 ]]; then

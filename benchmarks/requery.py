@@ -29,9 +29,7 @@ from typing import Any
 import numpy as np
 
 from gsnet_deploy import Segmenter
-from gsnet_deploy.backends import BackendKind, BackendOptions, open_backend
 from gsnet_deploy.contracts.model_size import ModelSize
-from gsnet_deploy.runtime.paper_path import protocol_runners
 
 WORDS = (
     "building road tree car water grass roof bridge ship field forest river parking lot court pool tank "
@@ -42,44 +40,6 @@ WORDS = (
 def _vocab(num_classes: int, offset: int) -> list[str]:
     """``num_classes`` distinct names; different ``offset``s give different vocabularies."""
     return [f"{WORDS[(offset + i) % len(WORDS)]} {offset}" for i in range(num_classes)]
-
-
-class _ProtocolRunner:
-    """A graph runner over a ``model.protocol`` module (PaperEncoder or PaperHead), host arrays in and out."""
-
-    def __init__(self, module: Any, encoder: bool) -> None:
-        self.module, self.encoder = module, encoder
-
-    def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        import torch
-
-        from gsnet_deploy.contracts import io_names as io
-
-        with torch.no_grad():
-            if self.encoder:
-                return {k: v.numpy() for k, v in self.module(torch.from_numpy(feeds[io.PAPER_IMAGE])).items()}
-            features = {k: torch.from_numpy(np.asarray(feeds[k])) for k in io.PAPER_FEATURES}
-            text = torch.from_numpy(np.asarray(feeds[io.TEXT_EMBEDS]))
-            class_map, probs = self.module(features, text, torch.from_numpy(feeds[io.OUT_SIZE]))
-        both = {io.CLASS_MAP: class_map.numpy(), io.PROBS: probs.numpy()}
-        return {k: both[k] for k in (outputs or both)}
-
-
-def _torch_split_backend(size: ModelSize) -> Any:
-    """The torch backend with encoder/head runners: its own, or ``model.protocol``'s modules where it has none yet."""
-    backend: Any = open_backend(BackendOptions(kind=BackendKind.TORCH, size=size, device="cpu"))
-    if protocol_runners(backend) is not None:
-        return backend
-    from gsnet_deploy.model.protocol import PaperEncoder, PaperHead
-
-    runners = (_ProtocolRunner(PaperEncoder(backend.model), True), _ProtocolRunner(PaperHead(backend.model), False))
-
-    class ProtocolSplit(type(backend)):  # type: ignore[misc]
-        encoder = property(lambda self: runners[0])
-        head = property(lambda self: runners[1])
-
-    backend.__class__ = ProtocolSplit
-    return backend
 
 
 def _image(height: int, width: int) -> np.ndarray:
@@ -115,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, help="ONNX folder (ONNX Runtime); default: torch with demo weights")
     parser.add_argument("--model-size", choices=[m.value for m in ModelSize], default="tiny")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda); torch backend only")
+    parser.add_argument("--fp16", action="store_true", help="torch backend on CUDA in fp16")
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--size", default="512x512", help="image HxW")
     parser.add_argument("--runs", type=int, default=5)
@@ -130,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         seg = Segmenter.from_onnx(args.onnx, encoded_cache_bytes=0)
         source = f"onnxruntime {args.onnx}"
     else:
-        seg = Segmenter(_torch_split_backend(ModelSize(args.model_size)), encoded_cache_bytes=0)
-        source = f"torch demo weights ({args.model_size}), paper encoder/head of gsnet_deploy.model.protocol"
+        seg = Segmenter.from_checkpoint(
+            None, device=args.device, fp16=args.fp16, model_size=ModelSize(args.model_size), warn=False, encoded_cache_bytes=0
+        )
+        source = f"torch demo weights ({args.model_size}) on {args.device}{' fp16' if args.fp16 else ''}"
     with seg:
         vocab = _vocab(args.classes, 0)
         seg.encode_classes(vocab)

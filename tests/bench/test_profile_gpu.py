@@ -129,7 +129,9 @@ def test_cpu_smoke_mode_writes_a_report_with_every_stage(tmp_path: Path) -> None
 # --- benchmarks/device_check.sh: its control flow, without a GPU
 
 _SCRIPT = _PATH.parent / "device_check.sh"
-_STEPS = ["card", "setup", "tests", "profile", "torch_paths", "protocol", "kernel_bench", "requery", "targets"]
+_STEPS = [
+    "card", "setup", "tests", "profile", "torch_paths", "protocol", "trt_protocol", "kernel_bench", "tiled_blend", "requery", "targets",
+]
 
 
 def _run_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], str]:
@@ -159,7 +161,7 @@ def test_device_check_continues_past_failing_steps(tmp_path: Path) -> None:
     assert proc.returncode == 1
     status = _status(summary)
     assert set(status) == set(_STEPS)
-    assert all(status[s] == "FAIL" for s in _STEPS if s != "requery") and status["requery"] == "SKIP"
+    assert all(status[s] == "FAIL" for s in _STEPS if s != "trt_protocol") and status["trt_protocol"] == "SKIP"
     assert (tmp_path / "out" / "device_check.log").exists() and (tmp_path / "out" / "all.tar.gz").exists()
 
 
