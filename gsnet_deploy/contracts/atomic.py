@@ -61,6 +61,20 @@ def deferred_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def signals_to_main_thread() -> None:
+    """Block SIGINT and SIGTERM in the calling worker thread (call it first thing in every worker).
+
+    The kernel hands a process-directed signal to any thread that does not block it; when a
+    worker gets it, Python only sets a flag, and a main thread sleeping in a long C call (a write,
+    a blocking wait) notices it only when that call returns. With the signals blocked in workers
+    they always reach the main thread, at once, or right after ``deferred_signals`` ends.
+    No-op in the main thread and where ``pthread_sigmask`` does not exist.
+    """
+    if threading.current_thread() is threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
 class AtomicFiles:
     """A set of output files written to temporaries and renamed into place together.
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gsnet_deploy.contracts.atomic import AtomicFiles
+from gsnet_deploy.contracts.atomic import AtomicFiles, signals_to_main_thread
 from gsnet_deploy.contracts.io_names import TEXT_EMBEDS, TEXT_TOKENS
 from gsnet_deploy.errors import GSNetError, ImageError, VocabularyError
 from gsnet_deploy.runtime import outputs
@@ -531,7 +531,7 @@ def _pipelined(
     is on the device, and image i is written (by the caller, on return from the yielded function)
     while image i+1 is on the device. Everything else runs whole in ``segment_one`` in its turn.
     """
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsnet-device")
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsnet-device", initializer=signals_to_main_thread)
 
     def submit(staged: _Staged) -> None:
         if staged.loaded is not None:

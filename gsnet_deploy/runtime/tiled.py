@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gsnet_deploy.contracts.atomic import signals_to_main_thread
 from gsnet_deploy.contracts.io_names import IMAGES, LOGITS, TEXT_EMBEDS
 from gsnet_deploy.errors import BackendError, GSNetError, ImageError
 from gsnet_deploy.runtime.backend import Backend
@@ -214,6 +215,7 @@ def _cut_windows(source: RowSource, grid: WindowGrid, batch: int) -> Iterator[_B
 
 def _reader(source: RowSource, grid: WindowGrid, batch: int, out: queue.Queue, stop: threading.Event) -> None:
     """Reader thread body: queue batches, then None; on error queue a ``_Failure``."""
+    signals_to_main_thread()
 
     def put(item: object) -> bool:
         while not stop.is_set():

@@ -40,3 +40,35 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
 def test_atomic_json_is_complete(tmp_path):
     write_json_atomic(tmp_path / "m.json", {"b": 1, "a": [1, 2]})
     assert (tmp_path / "m.json").read_text().startswith('{\n  "a"')
+
+
+def test_worker_threads_leave_termination_signals_to_the_main_thread() -> None:
+    """Catches: a worker that can take SIGINT/SIGTERM, so a main thread blocked in a long call (writing an
+    overlay) would not see the interrupt until that call returned (the signal test timed out under load)."""
+    import signal
+    import threading
+
+    from gsnet_deploy.contracts.atomic import signals_to_main_thread
+
+    seen: list[set[int]] = []
+
+    def worker() -> None:
+        signals_to_main_thread()
+        seen.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert {signal.SIGINT, signal.SIGTERM} <= seen[0]
+    signals_to_main_thread()  # the main thread keeps receiving them
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_the_folder_pipeline_and_tiled_reader_block_signals_in_their_workers() -> None:
+    """Catches: a new worker thread of the orchestrator that forgets ``signals_to_main_thread``."""
+    import inspect
+
+    from gsnet_deploy.runtime import segment, tiled
+
+    assert "initializer=signals_to_main_thread" in inspect.getsource(segment._pipelined)
+    assert "signals_to_main_thread()" in inspect.getsource(tiled._reader)
