@@ -222,7 +222,9 @@ if mode == "plain":
     open_session(path, memory_arena=False, quiet=True).run(None, feed)
 else:
     stats.tensor_ranges(shape_inference.infer_shapes(onnx.load(path)), [feed])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the (larger) pytest parent's RSS for both modes
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
