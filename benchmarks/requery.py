@@ -46,9 +46,7 @@ def _image(height: int, width: int) -> np.ndarray:
     """A smooth random RGB uint8 image."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    bands = [
-        127 + 120 * np.sin(rng.uniform(0.01, 0.05) * xx + c) * np.cos(rng.uniform(0.01, 0.05) * yy) for c in range(3)
-    ]
+    bands = [127 + 120 * np.sin(rng.uniform(0.01, 0.05) * xx + c) * np.cos(rng.uniform(0.01, 0.05) * yy) for c in range(3)]
     return np.clip(np.stack(bands, axis=-1), 0, 255).astype(np.uint8)
 
 

@@ -160,9 +160,7 @@ class Segmentation:
         height, width = labels.shape
         try:
             with AtomicFiles() as files:
-                sink = PlainMaskSink(
-                    files, out, stem, len(self.class_names), height, width, save_probs=self.probs is not None
-                )
+                sink = PlainMaskSink(files, out, stem, len(self.class_names), height, width, save_probs=self.probs is not None)
                 sink.write_labels(0, labels, None, self.probs)
                 paths = sink.close()
                 overlay = write_overlay(files, out / f"{stem}_overlay.png", self.image, labels, list(self.class_names), colors)
@@ -405,9 +403,7 @@ class Segmenter:
         """The Segmenter itself (already open)."""
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         """Close the backend."""
         self.close()
 

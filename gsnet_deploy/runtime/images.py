@@ -20,6 +20,7 @@ from gsnet_deploy.runtime.stretch import stretch_to_uint8
 # Largest plain image we accept at all (pixels); a header claiming more is treated as a decompression bomb.
 MAX_PIXELS = 40_000 * 40_000
 
+
 @dataclass
 class LoadedImage:
     """An RGB uint8 image and what was done to it on loading.

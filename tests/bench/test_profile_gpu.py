@@ -130,8 +130,9 @@ def test_cpu_smoke_mode_writes_a_report_with_every_stage(tmp_path: Path) -> None
 
 _SCRIPT = _PATH.parent / "device_check.sh"
 _STEPS = [
-    "card", "setup", "tests", "profile", "torch_paths", "protocol", "trt_protocol", "kernel_bench", "tiled_blend", "requery", "targets",
-]
+    "card", "setup", "tests", "profile", "torch_paths", "protocol",
+    "trt_protocol", "kernel_bench", "tiled_blend", "requery", "targets",
+]  # fmt: skip
 
 
 def _run_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], str]:
