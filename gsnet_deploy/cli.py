@@ -319,6 +319,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         label=args.label,
         chart=args.chart,
         folder=args.folder,
+        backends=tuple(BackendKind(b) for b in args.backend or ()),
     )
     print(run_latency(options))
     return 0
@@ -508,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="also segment a folder of K 768x512 images per N: numpy vs device protocol (default: 0, skip)",
+    )
+    lat.add_argument(
+        "--backend",
+        action="append",
+        choices=[k.value for k in BackendKind],
+        help="only this backend's variants (repeatable; default: every backend the host can run)",
     )
     lat.add_argument("--label", help="host part of the file names (default: GPU name or cpu-<cores>core)")
     lat.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")

@@ -91,6 +91,10 @@ def discover_variants(options: LatencyOptions, caps: HostCaps) -> tuple[list[Var
         for path in options.engine_dirs:
             runnable.append(VariantSpec(f"tensorrt {_engine_precision(path)} ({path.name})", BackendKind.TENSORRT, "cuda",
                                         _engine_precision(path), path=path))  # fmt: skip
+    if options.backends:
+        asked = ", ".join(b.value for b in options.backends)
+        missing += [Unavailable(v.name, f"not asked (--backend {asked})") for v in runnable if v.engine not in options.backends]
+        runnable = [v for v in runnable if v.engine in options.backends]
     return runnable, missing
 
 

@@ -33,6 +33,7 @@ class LatencyOptions:
         chart: draw the PNG chart when matplotlib is installed.
         folder: images (768x512) of a folder segmented through ``segment_files`` per N, with the
             numpy protocol and the device protocol side by side (0: skip; ``bench.folder``).
+        backends: only these backends' variants (empty: every backend the host can run).
     """
 
     onnx_dir: Path | None = None
@@ -47,6 +48,7 @@ class LatencyOptions:
     label: str | None = None
     chart: bool = True
     folder: int = 0
+    backends: tuple[BackendKind, ...] = ()
 
 
 @dataclass(frozen=True)

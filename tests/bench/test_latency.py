@@ -259,3 +259,13 @@ def test_host_was_busy_ignores_the_benchmarks_own_threads(start: float | None, e
     from gsnet_deploy.bench.latency import host_was_busy
 
     assert host_was_busy(start, end, cores=2) is busy
+
+
+def test_discover_variants_keeps_only_the_asked_backends(tmp_path: Path) -> None:
+    """Catches: ``--backend onnxruntime`` still timing torch (a paper-size CPU run then takes twice as long)."""
+    from gsnet_deploy.backends import BackendKind
+
+    options = LatencyOptions(onnx_dir=tmp_path, backends=(BackendKind.ONNXRUNTIME,))
+    runnable, missing = discover_variants(options, CPU_CAPS)
+    assert [v.engine for v in runnable] == [BackendKind.ONNXRUNTIME]
+    assert any(m.name.startswith("torch fp32") and "not asked" in m.reason for m in missing)
