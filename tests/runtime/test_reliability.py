@@ -263,7 +263,8 @@ _SIGNAL_SCRIPT = textwrap.dedent(
     real = outputs.render_overlay
     def slow(*a, **k):
         print("READY", flush=True)
-        time.sleep(30)
+        for _ in range(300):  # 30 s in short calls: the interrupt is seen between them whichever thread the kernel
+            time.sleep(0.1)   # gave it to (one 30 s sleep() is only cut short when the main thread itself gets it)
         return real(*a, **k)
     outputs.render_overlay = slow
     sys.exit(cli.main(sys.argv[1:]))
