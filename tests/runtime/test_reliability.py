@@ -254,7 +254,11 @@ def test_same_stem_inputs_are_refused_up_front(
 
 _SIGNAL_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
+    # a child inherits ignored and blocked signals from the pytest process (in the full suite SIGINT arrived
+    # ignored); start from what a shell gives a foreground command
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
     sys.path.insert(0, {tests!r})
     from test_reliability import StandInBackend
     from gsnet_deploy import cli
