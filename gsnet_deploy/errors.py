@@ -37,5 +37,9 @@ class BackendError(GSNetError):
     """An inference backend is unavailable or was given inputs it cannot run."""
 
 
+class DeviceBlendUnavailable(BackendError):
+    """A backend cannot blend this image's tiled windows on its device (tiled mode then blends on the host)."""
+
+
 class DatasetError(GSNetError):
     """An evaluation dataset is missing, malformed or inconsistent."""

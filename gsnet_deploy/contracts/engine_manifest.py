@@ -34,13 +34,17 @@ class Graph(enum.Enum):
     """The engines of a build; the value is the file stem shared by ONNX and engine files.
 
     ``TEXT`` and ``IMAGE`` are always built; ``PAPER_ENCODER`` and ``PAPER_HEAD`` (the paper protocol
-    on the device) only from ONNX folders that hold their graphs (``PAPER_GRAPHS``).
+    on the device) and ``TILE_BLEND`` and ``TILE_EMIT`` (tiled mode's window blending on the device,
+    weight-free and always FP32) only from ONNX folders that hold their graphs (``PAPER_GRAPHS``,
+    ``TILE_GRAPHS``).
     """
 
     TEXT = io_names.TEXT_GRAPH_FILE.removesuffix(".onnx")  # "text_encoder"
     IMAGE = io_names.IMAGE_GRAPH_FILE.removesuffix(".onnx")  # "image_graph"
     PAPER_ENCODER = io_names.PAPER_ENCODER_FILE.removesuffix(".onnx")  # "paper_encoder"
     PAPER_HEAD = io_names.PAPER_HEAD_FILE.removesuffix(".onnx")  # "paper_head"
+    TILE_BLEND = io_names.TILE_BLEND_FILE.removesuffix(".onnx")  # "tile_blend"
+    TILE_EMIT = io_names.TILE_EMIT_FILE.removesuffix(".onnx")  # "tile_emit"
 
     @property
     def onnx_file(self) -> str:
@@ -55,6 +59,7 @@ class Graph(enum.Enum):
 
 CORE_GRAPHS: tuple[Graph, ...] = (Graph.TEXT, Graph.IMAGE)  # every build has these
 PAPER_GRAPHS: tuple[Graph, ...] = (Graph.PAPER_ENCODER, Graph.PAPER_HEAD)  # built when the ONNX folder has them
+TILE_GRAPHS: tuple[Graph, ...] = (Graph.TILE_BLEND, Graph.TILE_EMIT)  # likewise; FP32 whatever the precision
 
 
 def parse_version(text: str) -> tuple[int, ...]:

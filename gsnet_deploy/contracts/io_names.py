@@ -79,7 +79,45 @@ PAPER_HEAD_FILE = "paper_head.onnx"
 # tiled mode's weight-free window blending graphs (export.tile_onnx); optional in an ONNX folder
 TILE_BLEND_FILE = "tile_blend.onnx"
 TILE_EMIT_FILE = "tile_emit.onnx"
-TILE_BLEND_INPUTS: tuple[str, ...] = ("acc", "valid", LOGITS, "place", "window_valid", "weights")
-TILE_BLEND_OUTPUTS: tuple[str, ...] = ("acc_out", "valid_out")
-TILE_EMIT_INPUTS: tuple[str, ...] = ("acc", "valid", "count")
-TILE_EMIT_OUTPUTS: tuple[str, ...] = ("labels", "valid_rows", PROBS, "acc_out", "valid_out")
+# the strip (state carried between calls): acc float32 [N + 1, R, W] (weighted class sums, then the weight sum),
+# valid float32 0/1 [R, W]; place int64 [5] (view index, strip row, column, height, width) and count int64 [1]
+# (rows to emit) are shape tensors: their values set slice and pad sizes inside the graphs
+TILE_ACC = "acc"
+TILE_VALID = "valid"
+TILE_PLACE = "place"
+TILE_WINDOW_VALID = "window_valid"
+TILE_WEIGHTS = "weights"
+TILE_COUNT = "count"
+TILE_LABELS = "labels"
+TILE_VALID_ROWS = "valid_rows"
+TILE_ACC_OUT = "acc_out"
+TILE_VALID_OUT = "valid_out"
+TILE_BLEND_INPUTS: tuple[str, ...] = (TILE_ACC, TILE_VALID, LOGITS, TILE_PLACE, TILE_WINDOW_VALID, TILE_WEIGHTS)
+TILE_BLEND_OUTPUTS: tuple[str, ...] = (TILE_ACC_OUT, TILE_VALID_OUT)
+TILE_EMIT_INPUTS: tuple[str, ...] = (TILE_ACC, TILE_VALID, TILE_COUNT)
+TILE_EMIT_OUTPUTS: tuple[str, ...] = (TILE_LABELS, TILE_VALID_ROWS, PROBS, TILE_ACC_OUT, TILE_VALID_OUT)
+
+# symbolic dimension names of the tile graphs: strip channels N + 1, strip rows, strip (image) width, rows emitted
+STRIP_CHANNELS = "N1"
+STRIP_ROWS = "R"
+STRIP_WIDTH = "W"
+EMIT_COUNT = "C"
+# the values of the shape tensor place, named like dims so that a profile can give their ranges
+PLACE_VALUES: tuple[str, ...] = ("place_view", "place_row", "place_col", "place_height", "place_width")
+
+TILE_BLEND_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    TILE_ACC: {0: STRIP_CHANNELS, 1: STRIP_ROWS, 2: STRIP_WIDTH},
+    TILE_VALID: {0: STRIP_ROWS, 1: STRIP_WIDTH},
+    LOGITS: {0: VIEWS, 1: CLASSES},
+    TILE_ACC_OUT: {0: STRIP_CHANNELS, 1: STRIP_ROWS, 2: STRIP_WIDTH},
+    TILE_VALID_OUT: {0: STRIP_ROWS, 1: STRIP_WIDTH},
+}
+TILE_EMIT_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    TILE_ACC: {0: STRIP_CHANNELS, 1: STRIP_ROWS, 2: STRIP_WIDTH},
+    TILE_VALID: {0: STRIP_ROWS, 1: STRIP_WIDTH},
+    TILE_LABELS: {0: EMIT_COUNT, 1: STRIP_WIDTH},
+    TILE_VALID_ROWS: {0: EMIT_COUNT, 1: STRIP_WIDTH},
+    PROBS: {0: CLASSES, 1: EMIT_COUNT, 2: STRIP_WIDTH},
+    TILE_ACC_OUT: {0: STRIP_CHANNELS, 1: STRIP_ROWS, 2: STRIP_WIDTH},
+    TILE_VALID_OUT: {0: STRIP_ROWS, 1: STRIP_WIDTH},
+}

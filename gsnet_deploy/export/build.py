@@ -5,8 +5,10 @@ has them (``paper_encoder.onnx`` / ``paper_head.onnx``), with the profiles of ``
 (h, w of the resized image, N, and the value range of the head's ``out_size`` shape tensor). The
 paper engines follow the image graph's precision; for INT8 / best they need Q/DQ paper graphs
 (``paper_encoder.int8.onnx`` / ``paper_head.int8.onnx`` from calibration): without them they are
-built in FP16 and their manifests say so. Every manifest records the pooling the graphs were
-exported with (from the ONNX folder's manifest; None when it does not say).
+built in FP16 and their manifests say so. Also tiled mode's blending graphs when the folder has
+them (``tile_blend.onnx`` / ``tile_emit.onnx``): weight-free, always FP32, with the strip's and the
+``place`` / ``count`` shape tensors' ranges of ``export.profiles``. Every manifest records the pooling
+the graphs were exported with (from the ONNX folder's manifest; None when it does not say).
 
 The build loop. Its decisions live beside it: ``version_policy`` (which ONNX model and flags per
 TensorRT version and precision), ``dla`` (DLA rules), ``profiles`` (optimization profiles),
@@ -33,6 +35,7 @@ from gsnet_deploy.contracts.derived import OnnxVariant, read_model_digest, read_
 from gsnet_deploy.contracts.engine_manifest import (
     CORE_GRAPHS,
     PAPER_GRAPHS,
+    TILE_GRAPHS,
     EngineManifest,
     Graph,
     HostInfo,
@@ -46,16 +49,19 @@ from gsnet_deploy.export.dla import resolve_dla
 from gsnet_deploy.export.plugin_discovery import find_plugin
 from gsnet_deploy.export.profiles import (
     DEFAULT_CLASSES_OPT,
+    TILE_SHAPE_INPUTS,
     dim_ranges,
     onnx_input_shapes,
     paper_dim_ranges,
     profile_for,
     static_output_shapes,
+    tile_dim_ranges,
 )
 from gsnet_deploy.export.version_policy import (
     STRONG_TYPING_MIN,
     BuildPath,
     GraphPlan,
+    fp32_plan,
     select_build_path,
     variants_for_any_target,
 )
@@ -98,17 +104,17 @@ def read_pooling(onnx_dir: Path) -> int | None:
     return None if pooling is None else int(pooling)
 
 
-def paper_graphs_present(onnx_dir: Path) -> bool:
-    """Whether the ONNX folder has both paper graphs (an older export has neither).
+def graphs_present(onnx_dir: Path, pair: tuple[Graph, ...], what: str) -> bool:
+    """Whether the ONNX folder has both graphs of ``pair`` (``PAPER_GRAPHS``, ``TILE_GRAPHS``; an older export has neither).
 
     Raises:
         ExportError: only one of the two is there.
 
     """
-    present = [(Path(onnx_dir) / g.onnx_file).is_file() for g in PAPER_GRAPHS]
+    present = [(Path(onnx_dir) / g.onnx_file).is_file() for g in pair]
     if any(present) and not all(present):
-        missing = next(g.onnx_file for g, ok in zip(PAPER_GRAPHS, present) if not ok)
-        raise ExportError(f"ONNX folder {onnx_dir} has no {missing} beside the other paper graph; re-run `gsnet export onnx`.")
+        missing = next(g.onnx_file for g, ok in zip(pair, present) if not ok)
+        raise ExportError(f"ONNX folder {onnx_dir} has no {missing} beside the other {what} graph; re-run `gsnet export onnx`.")
     return all(present)
 
 
@@ -236,12 +242,17 @@ def build_engines(
             raise ExportError(
                 f"{onnx_dir / (graph.value + '.onnx')} does not exist; run `gsnet export onnx --out {onnx_dir}` first."
             )
-    graphs = CORE_GRAPHS + (PAPER_GRAPHS if paper_graphs_present(onnx_dir) else ())
+    graphs = (
+        CORE_GRAPHS
+        + (PAPER_GRAPHS if graphs_present(onnx_dir, PAPER_GRAPHS, "paper") else ())
+        + (TILE_GRAPHS if graphs_present(onnx_dir, TILE_GRAPHS, "tile") else ())
+    )
     digest = read_model_digest(onnx_dir)
     pooling = read_pooling(onnx_dir)
     dims = dim_ranges(classes_opt, fixed=dla_core is not None)
     text_dims = dim_ranges(classes_opt)
     paper_dims = paper_dim_ranges(classes_opt)
+    tile_dims = tile_dim_ranges(classes_opt)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     int8_ready = paper_int8_ready(onnx_dir, out_dir, digest)
@@ -281,6 +292,7 @@ def build_engines(
             onnx_dir, out_dir, paper_needed, digest=digest, calib_images=None, text_tokens=text_tokens, notes=notes
         )
         variants.update({g: paper_variants[g] for g in PAPER_GRAPHS})
+    variants.update({g: {OnnxVariant.FP32: onnx_dir / g.onnx_file} for g in TILE_GRAPHS if g in graphs})  # FP32 only
     onnx_models = {p.name: p for per_graph in variants.values() for p in per_graph.values()}
     write_json_atomic(
         out_dir / BUILD_RECORD_FILE,
@@ -316,7 +328,12 @@ def build_engines(
     manifests: dict[Graph, EngineManifest] = {}
     paper_fell_back = False
     for graph in graphs:
-        plan, paper_fp16 = paper_plan(path, fp16_path, int8_ready) if graph in PAPER_GRAPHS else (path.plan(graph), False)
+        if graph in TILE_GRAPHS:
+            plan, paper_fp16 = fp32_plan(version), False
+        elif graph in PAPER_GRAPHS:
+            plan, paper_fp16 = paper_plan(path, fp16_path, int8_ready)
+        else:
+            plan, paper_fp16 = path.plan(graph), False
         graph_notes = (*notes, PAPER_FP16_NOTE) if paper_fp16 else tuple(notes)
         paper_fell_back |= paper_fp16
         src = variants[graph][plan.variant]
@@ -333,8 +350,11 @@ def build_engines(
             src = save_onnx_atomic(model, out_dir / src.name.replace(".onnx", ".plugin.onnx"))
             hook = functools.partial(trt_plugin.register_plugin, trt_plugin.ptx_arch(host.compute_capability))
             graph_plugin = True
-        graph_dims = dims if graph is Graph.IMAGE else paper_dims if graph in PAPER_GRAPHS else text_dims
-        profile = profile_for(onnx_input_shapes(src), graph_dims)
+        if graph in TILE_GRAPHS:
+            profile = profile_for(onnx_input_shapes(src), tile_dims, TILE_SHAPE_INPUTS)
+        else:
+            graph_dims = dims if graph is Graph.IMAGE else paper_dims if graph in PAPER_GRAPHS else text_dims
+            profile = profile_for(onnx_input_shapes(src), graph_dims)
         engine_path = out_dir / graph.engine_file
         config = BuildConfig(
             plan.flags,
@@ -344,7 +364,7 @@ def build_engines(
             dla_core=dla if graph is Graph.IMAGE else None,
             hardware_compatible=hardware_compatible,
             version_compatible=version_compatible,
-            activation_resize=graph is Graph.PAPER_HEAD,
+            activation_resize=graph is Graph.PAPER_HEAD or graph in TILE_GRAPHS,  # sized per call at run time
             size_math_fp32=graph in PAPER_GRAPHS,  # resize coordinates up to 2880 px: FP16 misplaces them
         )
         SaveEngine(

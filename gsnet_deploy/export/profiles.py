@@ -12,6 +12,12 @@ head's ``[N, H, W]`` tensors at N = 256 stay below 2**31 elements (256 * 2880**2
 int32 element-index limit of many TensorRT kernels before 10.11's large-tensor work (Jetson runs
 10.3). A larger original image gets a one-line error before anything runs; such images belong to
 tiled mode anyway.
+
+Tile graphs (``tile_blend`` / ``tile_emit``, tiled mode's blending): the strip ``[N + 1, R, W]``
+with R up to one window (384) and W the image width, capped at ``TILE_WIDTH_MAX`` = 21,760 for the
+same 2**31 reason (257 * 384 * 21,760 = 2.15e9 - 1 at most); a wider image is blended on the host
+(``runtime.tiled`` says so). Their shape tensors: ``place`` (view index, strip row, column, window
+height and width) and ``count`` (rows emitted, at most ``EMIT_ROWS``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.engine_manifest import Profile, ShapeRange
 from gsnet_deploy.errors import EngineBuildError
 from gsnet_deploy.export.dla import DLA_VIEWS
+from gsnet_deploy.runtime.tiling import EMIT_ROWS, WINDOW
 
 VIEWS_MIN, VIEWS_OPT, VIEWS_MAX = 1, 5, 8  # B: 5 = the paper protocol's views of one image
 CLASSES_MIN, CLASSES_MAX = 1, 256  # N: the class transformer pads the class axis to 256
@@ -32,8 +39,14 @@ RESIZED_SIDE_MAX = 2560  # ResizeShortestEdge's long-edge cap: h, w of the paper
 RESIZED_OPT = (640, 960)  # h, w the paper engines are tuned for (a 2:3 image at the protocol's short edge)
 OUT_SIDE_MAX = 2880  # H, W of the paper head's output (see the module docstring)
 OUT_OPT = RESIZED_OPT  # H, W the paper head is tuned for
+TILE_WIDTH_MAX = 21_760  # W of the tile graphs' strip: (256 + 1) * 384 * W < 2**31 (see the module docstring)
+TILE_WIDTH_OPT = 2048
 # shape-tensor inputs: input name -> the symbolic dims its values are (out_size holds (H, W))
 SHAPE_INPUTS: dict[str, tuple[str, ...]] = {io_names.OUT_SIZE: (io_names.OUT_HEIGHT, io_names.OUT_WIDTH)}
+TILE_SHAPE_INPUTS: dict[str, tuple[str, ...]] = {
+    io_names.TILE_PLACE: io_names.PLACE_VALUES,
+    io_names.TILE_COUNT: (io_names.EMIT_COUNT,),
+}
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,30 @@ def paper_dim_ranges(classes_opt: int = DEFAULT_CLASSES_OPT) -> dict[str, DimRan
         io_names.CLASSES: classes,
         io_names.OUT_HEIGHT: DimRange(1, OUT_OPT[0], OUT_SIDE_MAX),
         io_names.OUT_WIDTH: DimRange(1, OUT_OPT[1], OUT_SIDE_MAX),
+    }
+
+
+def tile_dim_ranges(classes_opt: int = DEFAULT_CLASSES_OPT) -> dict[str, DimRange]:
+    """Ranges of the tile graphs' dims and shape-tensor values (views and classes as the image engine's).
+
+    Raises:
+        EngineBuildError: ``classes_opt`` outside 1..256.
+
+    """
+    dims = dim_ranges(classes_opt)
+    classes = dims[io_names.CLASSES]
+    view, row, col, height, width = io_names.PLACE_VALUES
+    return {
+        **dims,
+        io_names.STRIP_CHANNELS: DimRange(classes.min + 1, classes.opt + 1, classes.max + 1),
+        io_names.STRIP_ROWS: DimRange(1, WINDOW, WINDOW),
+        io_names.STRIP_WIDTH: DimRange(1, TILE_WIDTH_OPT, TILE_WIDTH_MAX),
+        io_names.EMIT_COUNT: DimRange(1, EMIT_ROWS, EMIT_ROWS),
+        view: DimRange(0, 0, VIEWS_MAX - 1),
+        row: DimRange(0, 0, WINDOW - 1),
+        col: DimRange(0, 0, TILE_WIDTH_MAX - 1),
+        height: DimRange(1, WINDOW, WINDOW),
+        width: DimRange(1, WINDOW, WINDOW),
     }
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.onnx.operators import shape_as_tensor
 
+from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.atomic import AtomicFiles
 from gsnet_deploy.contracts.io_names import (
     TILE_BLEND_FILE,
@@ -44,14 +45,8 @@ from gsnet_deploy.runtime.resize import interpolation_matrix
 from gsnet_deploy.runtime.tiling import WINDOW
 
 LOGIT_SIDE = WINDOW // 4  # the image graph's logits are [b, N, 96, 96]
-_STRIP_AXES = {"acc": {0: "N1", 1: "R", 2: "W"}, "valid": {0: "R", 1: "W"}}
-TILE_BLEND_AXES = {
-    **_STRIP_AXES, "logits": {0: "B", 1: "N"}, "acc_out": {0: "N1", 1: "R", 2: "W"}, "valid_out": {0: "R", 1: "W"},
-}  # fmt: skip
-TILE_EMIT_AXES = {
-    **_STRIP_AXES, "labels": {0: "C", 1: "W"}, "valid_rows": {0: "C", 1: "W"}, "probs": {0: "N", 1: "C", 2: "W"},
-    "acc_out": {0: "N1", 1: "R", 2: "W"}, "valid_out": {0: "R", 1: "W"},
-}  # fmt: skip
+TILE_BLEND_AXES = io_names.TILE_BLEND_DYNAMIC_AXES
+TILE_EMIT_AXES = io_names.TILE_EMIT_DYNAMIC_AXES
 
 
 class TileBlendGraph(nn.Module):

@@ -100,6 +100,15 @@ def select_build_path(trt_version: Sequence[int], precision: Precision) -> Build
     return BuildPath(text=text, image=image)
 
 
+def fp32_plan(trt_version: Sequence[int]) -> GraphPlan:
+    """The FP32 plan of a TensorRT version: the tile graphs' (weight-free blending stays in full precision).
+
+    Raises:
+        EngineBuildError: TensorRT older than 10.0.
+    """
+    return select_build_path(trt_version, Precision.INT8).text  # an INT8 build's text engine is FP32 on every path
+
+
 def variants_for_any_target(precision: Precision) -> dict[Graph, tuple[OnnxVariant, ...]]:
     """ONNX variants any target TensorRT might build ``precision`` from (used without TensorRT)."""
     needed: dict[Graph, set[OnnxVariant]] = {Graph.TEXT: set(), Graph.IMAGE: set()}

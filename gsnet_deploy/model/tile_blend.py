@@ -126,3 +126,8 @@ class TorchWindowBlender:
         self._wsum[keep:] = 0.0
         self._valid[keep:] = False
         return out
+
+    def close(self) -> None:
+        """Release the strip's device tensors (the caching allocator keeps them for reuse)."""
+        empty = torch.empty(0, device=self._acc.device)
+        self._acc, self._wsum, self._valid, self._logits = empty, empty, empty.bool(), None

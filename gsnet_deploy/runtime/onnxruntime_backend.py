@@ -161,12 +161,12 @@ class OrtWindowBlender:
             window_valid = np.zeros_like(self._all_valid)
             window_valid[:height, :width] = valid
         binding = self.blend_session.io_binding()
-        binding.bind_ortvalue_input("acc", self._acc)
-        binding.bind_ortvalue_input("valid", self._valid)
+        binding.bind_ortvalue_input(io_names.TILE_ACC, self._acc)
+        binding.bind_ortvalue_input(io_names.TILE_VALID, self._valid)
         binding.bind_ortvalue_input(io_names.LOGITS, self._logits)
-        binding.bind_cpu_input("place", np.array([index, row, col, height, width], dtype=np.int64))
-        binding.bind_cpu_input("window_valid", window_valid)
-        binding.bind_ortvalue_input("weights", self._weights)
+        binding.bind_cpu_input(io_names.TILE_PLACE, np.array([index, row, col, height, width], dtype=np.int64))
+        binding.bind_cpu_input(io_names.TILE_WINDOW_VALID, window_valid)
+        binding.bind_ortvalue_input(io_names.TILE_WEIGHTS, self._weights)
         for name in io_names.TILE_BLEND_OUTPUTS:
             binding.bind_output(name, *self.device)
         self.blend_session.run_with_iobinding(binding)
@@ -175,16 +175,20 @@ class OrtWindowBlender:
     def emit(self, count: int, with_probs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Normalize, argmax and shift the strip on the device (``tile_emit.onnx``); class map and validity to the host."""
         binding = self.emit_session.io_binding()
-        binding.bind_ortvalue_input("acc", self._acc)
-        binding.bind_ortvalue_input("valid", self._valid)
-        binding.bind_cpu_input("count", np.array([count], dtype=np.int64))
+        binding.bind_ortvalue_input(io_names.TILE_ACC, self._acc)
+        binding.bind_ortvalue_input(io_names.TILE_VALID, self._valid)
+        binding.bind_cpu_input(io_names.TILE_COUNT, np.array([count], dtype=np.int64))
         for name in io_names.TILE_EMIT_OUTPUTS:
-            host = name in ("labels", "valid_rows") or (name == io_names.PROBS and with_probs)
+            host = name in (io_names.TILE_LABELS, io_names.TILE_VALID_ROWS) or (name == io_names.PROBS and with_probs)
             binding.bind_output(name, *(("cpu", 0) if host else self.device))
         self.emit_session.run_with_iobinding(binding)
         labels, valid_rows, probs, self._acc, self._valid = binding.get_outputs()
         labels_host = host_class_map(labels.numpy(), self.num_classes)  # [count, W]
         return labels_host, valid_rows.numpy() > 0.5, probs.numpy() if with_probs else None
+
+    def close(self) -> None:
+        """Drop the strip's device values (ONNX Runtime frees them with the last reference)."""
+        self._acc = self._valid = self._logits = None
 
 
 class OnnxRuntimeBackend:

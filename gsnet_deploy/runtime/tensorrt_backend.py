@@ -30,6 +30,16 @@ would hold gigabytes for nothing, and allocating per call would synchronize the 
 The head's activation memory is managed the same way (``USER_MANAGED`` allocation sized by
 ``update_device_memory_size_for_shapes`` per call). Probabilities are copied back only when asked.
 The paper runners do not capture CUDA graphs.
+
+Tiled mode (``tile_blend.engine`` / ``tile_emit.engine``, FP32, when the build has them): the
+``tile_blender`` factory makes a ``TrtWindowBlender`` per image. The image engine's logits stay in
+its device buffer and are bound as the blend engine's input; the strip ``[N + 1, R, W]`` lives in
+two device buffer pairs used in turn (each call reads one and writes the other: TensorRT does not
+promise that an output may alias an input), so per-window probabilities never reach the host; only
+class-map rows and validity come back (probabilities only when asked). ``place`` and ``count`` are
+shape tensors staged in pinned host memory, one ``place`` slot per view of a batch, so the stream
+is synchronized once per batch of views (before the next batch's staging is rewritten) and at each
+band of finished rows.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from gsnet_deploy.contracts import io_names
 from gsnet_deploy.contracts.engine_manifest import (
     CORE_GRAPHS,
     PAPER_GRAPHS,
+    TILE_GRAPHS,
     EngineManifest,
     Graph,
     HostInfo,
@@ -59,8 +70,9 @@ from gsnet_deploy.contracts.engine_manifest import (
     this_platform,
 )
 from gsnet_deploy.contracts.tensorrt_import import require_tensorrt
-from gsnet_deploy.errors import BackendError, EngineBuildError
+from gsnet_deploy.errors import BackendError, DeviceBlendUnavailable, EngineBuildError
 from gsnet_deploy.runtime.protocol import host_class_map
+from gsnet_deploy.runtime.tiling import WindowGrid, blend_weights
 
 
 def _cuda_runtime() -> Any:
@@ -288,9 +300,29 @@ class _EngineRunner:
                 parts[name].append(value)
         return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
 
-    def _run_once(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_on_device(self, feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Run one batch that fits the profile and leave the outputs on the device (no synchronization).
+
+        A batch below the profile's minimum (a fixed DLA profile) is padded; the padded rows'
+        outputs follow the real ones. The pinned staging buffers are rewritten here, so the caller
+        synchronizes the stream before calling again.
+
+        Returns:
+            Output name -> (device address, shape), valid until the next call.
+        """
+        check_feeds(feeds, self.manifest, self.chunk_input)
+        total = int(np.shape(feeds[self.chunk_input])[0])
+        if total > self.max_batch:
+            raise BackendError(f"{total} views is more than {self.manifest.engine_file} takes at once ({self.max_batch}).")
+        size = max(total, self.min_batch)
+        padded = {name: pad_rows(np.asarray(v), size) if name == self.chunk_input else v for name, v in feeds.items()}
+        context = self._stage_and_enqueue(padded)
+        return {name: (self.buffers[name].device_ptr, tuple(context.get_tensor_shape(name))) for name in self.outputs}
+
+    def _stage_and_enqueue(self, feeds: Mapping[str, np.ndarray]) -> Any:
+        """Copy the inputs host -> pinned -> device and enqueue; returns the context that ran."""
         cudart = self.cudart
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         shapes = {name: tuple(np.shape(feeds[name])) for name in self.inputs}
         for name in self.inputs:
             buf = self.buffers[name]
@@ -300,7 +332,12 @@ class _EngineRunner:
                 cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, value.nbytes, h2d, self.stream),
                 "cudaMemcpyAsync H2D",
             )
-        context = self._enqueue(shapes)
+        return self._enqueue(shapes)
+
+    def _run_once(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart = self.cudart
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        context = self._stage_and_enqueue(feeds)
         out_shapes = {name: tuple(context.get_tensor_shape(name)) for name in self.outputs}
         for name, shape in out_shapes.items():
             buf = self.buffers[name]
@@ -412,11 +449,13 @@ def _nbytes(shape: Sequence[int], dtype: np.dtype[Any]) -> int:
 
 @dataclass
 class _PaperRunner:
-    """Runs one paper-protocol engine (encoder or head) on grow-only buffers; see the module docstring.
+    """Runs one engine whose I/O sizes vary per call (paper encoder and head, tile engines) on grow-only buffers.
 
-    ``bind_host`` stages host inputs (shape tensors stay in host memory), ``bind_device`` binds
-    another engine's device output as an input, ``enqueue`` sizes the outputs and runs, ``fetch``
-    copies the named outputs back. ``run`` is the host-array ``GraphRunner`` on top of them.
+    ``bind_host`` stages host inputs (shape tensors stay in host memory), ``bind_address`` binds
+    memory the caller owns (another engine's device output, a staged shape tensor) as an input,
+    ``bind_output`` makes an output write into the caller's device memory, ``enqueue`` sizes the
+    other outputs and runs, ``fetch`` copies the named outputs back. ``run`` is the host-array
+    ``GraphRunner`` on top of them. See the module docstring.
     """
 
     manifest: EngineManifest
@@ -432,6 +471,7 @@ class _PaperRunner:
     buffers: dict[str, _GrowBuffer] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     scratch: _GrowBuffer | None = None
+    bound_outputs: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (device address, bytes)
 
     def _buffer(self, name: str) -> _GrowBuffer:
         if name not in self.buffers:
@@ -477,10 +517,19 @@ class _PaperRunner:
                 self.context.set_tensor_address(name, buf.device_ptr)
             self.shapes[name] = tuple(array.shape)
 
-    def bind_device(self, name: str, device_ptr: int, shape: tuple[int, ...]) -> None:
-        """Bind a device buffer (another engine's output, on the same stream) as input ``name``: no copy."""
-        self.context.set_tensor_address(name, device_ptr)
+    def bind_address(self, name: str, address: int, shape: tuple[int, ...]) -> None:
+        """Bind memory the caller owns as input ``name``: no copy.
+
+        A device buffer (another engine's output, on the same stream) for a device input; pinned host
+        memory for a shape tensor (``host_inputs``), whose values the caller checks and keeps unchanged
+        until the stream has run the enqueue.
+        """
+        self.context.set_tensor_address(name, address)
         self.shapes[name] = tuple(shape)
+
+    def bind_output(self, name: str, device_ptr: int, nbytes: int) -> None:
+        """Make output ``name`` write into the caller's device buffer of ``nbytes`` (checked at ``enqueue``)."""
+        self.bound_outputs[name] = (device_ptr, nbytes)
 
     def enqueue(self) -> dict[str, tuple[int, ...]]:
         """Set the input shapes (checked), size the outputs for them, run; returns the output shapes."""
@@ -495,8 +544,15 @@ class _PaperRunner:
                     f"TensorRT could not resolve output {name!r} of {self.manifest.engine_file} (shape {shape}); "
                     "check the inputs against the engine's profile."
                 )
+            needed = _nbytes(shape, self.dtypes[name])
+            if name in self.bound_outputs:
+                device_ptr, nbytes = self.bound_outputs[name]
+                if needed > nbytes:
+                    raise BackendError(f"output {name!r} of {self.manifest.engine_file} needs {needed} bytes, bound {nbytes}")
+                self.context.set_tensor_address(name, device_ptr)
+                continue
             buf = self._buffer(name)
-            buf.ensure(_nbytes(shape, self.dtypes[name]))
+            buf.ensure(needed)
             self.context.set_tensor_address(name, buf.device_ptr)
         if self.user_memory:
             assert self.scratch is not None
@@ -558,6 +614,144 @@ class _PaperRunner:
             self.scratch.free()
 
 
+class TrtWindowBlender:
+    """Tiled mode's blending on the GPU (``runtime.tiling.WindowBlender``): the tile engines around the image engine.
+
+    Made by ``TensorRTBackend.tile_blender`` for one image. The strip is two device buffer pairs
+    (``acc [N + 1, R, W]``, ``valid [R, W]``) used in turn; see the module docstring.
+    """
+
+    def __init__(
+        self, image: _EngineRunner, blend: _PaperRunner, emit: _PaperRunner, text_embeds: np.ndarray, grid: WindowGrid
+    ) -> None:
+        """Allocate and zero the strips, upload the ramp weights and the text embeddings' host copy."""
+        self.image, self.blend_runner, self.emit_runner, self.grid = image, blend, emit, grid
+        self.cudart, self.stream = blend.cudart, blend.stream
+        self.text = np.ascontiguousarray(text_embeds, dtype=np.float32)
+        self.num_classes = int(self.text.shape[0])
+        rows = min(grid.size, grid.height)
+        self.acc_shape = (self.num_classes + 1, rows, grid.width)  # [N + 1, R, W]
+        self.valid_shape = (rows, grid.width)  # [R, W]
+        self._buffers: list[_GrowBuffer] = []
+        try:
+            self._strips = [(self._device(_nbytes(self.acc_shape, np.dtype(np.float32))),
+                             self._device(_nbytes(self.valid_shape, np.dtype(np.float32)))) for _ in range(2)]  # fmt: skip
+            for acc, valid in self._strips:
+                self._zero(acc)
+                self._zero(valid)
+            self._weights = self._upload(blend_weights(grid.size, grid.overlap))  # [S, S]
+            self._all_valid = self._upload(np.ones((grid.size, grid.size), np.float32))  # [S, S]
+            self._window_valid: list[_GrowBuffer] = []  # one pinned + device slot per view of a batch
+            self._place: list[_GrowBuffer] = []  # one pinned slot per view of a batch (shape tensor)
+            self._count = self._pinned(8)  # int64 [1] (shape tensor)
+            _check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")  # uploads done
+        except BaseException:
+            self.close()
+            raise
+        self._current = 0  # which strip holds the state
+        self._logits: tuple[int, tuple[int, ...]] | None = None  # device address and shape of the last infer
+
+    def _device(self, nbytes: int) -> _GrowBuffer:
+        buf = _GrowBuffer(self.cudart)
+        self._buffers.append(buf)
+        buf.ensure(nbytes)
+        return buf
+
+    def _pinned(self, nbytes: int) -> _GrowBuffer:
+        buf = _GrowBuffer(self.cudart, pinned=True)
+        self._buffers.append(buf)
+        buf.ensure(nbytes)
+        return buf
+
+    def _zero(self, buf: _GrowBuffer) -> None:
+        _check(self.cudart.cudaMemsetAsync(buf.device_ptr, 0, buf.nbytes, self.stream), "cudaMemsetAsync")
+
+    def _upload(self, array: np.ndarray) -> _GrowBuffer:
+        buf = self._pinned(array.nbytes)
+        buf.host_view(array.shape, array.dtype)[...] = array
+        h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        _check(self.cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, array.nbytes, h2d, self.stream), "cudaMemcpyAsync H2D")
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the two strips on the device."""
+        return 2 * 4 * (int(np.prod(self.acc_shape)) + int(np.prod(self.valid_shape)))
+
+    def infer(self, views: np.ndarray) -> None:
+        """Run the image engine on views ``[b, 3, S, S]``; the logits stay in its device buffer."""
+        # the previous batch's blends read this batch's staging slots and the image engine's buffers
+        _check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        out = self.image.run_on_device({io_names.IMAGES: views, io_names.TEXT_EMBEDS: self.text})
+        self._logits = out[io_names.LOGITS]  # [b, N, 96, 96]
+
+    def _slot(self, slots: list[_GrowBuffer], index: int, nbytes: int) -> _GrowBuffer:
+        while len(slots) <= index:
+            slots.append(self._pinned(nbytes))
+        return slots[index]
+
+    def blend(self, index: int, row: int, col: int, height: int, width: int, valid: np.ndarray | None) -> None:
+        """Blend view ``index`` of the last ``infer`` into the strip (``tile_blend.engine``)."""
+        if self._logits is None:
+            raise RuntimeError("blend before infer")
+        runner, size = self.blend_runner, self.grid.size
+        place = np.array([index, row, col, height, width], dtype=np.int64)
+        runner.check_shape_values(io_names.TILE_PLACE, place)
+        staged = self._slot(self._place, index, place.nbytes)
+        staged.host_view(place.shape, place.dtype)[...] = place
+        window_valid = self._all_valid
+        if valid is not None:
+            window_valid = self._slot(self._window_valid, index, size * size * 4)
+            partial = window_valid.host_view((size, size), np.dtype(np.float32))
+            partial[...] = 0.0
+            partial[:height, :width] = valid
+            h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            _check(
+                self.cudart.cudaMemcpyAsync(window_valid.device_ptr, window_valid.host_ptr, partial.nbytes, h2d, self.stream),
+                "cudaMemcpyAsync H2D",
+            )
+        acc, strip_valid = self._strips[self._current]
+        acc_out, valid_out = self._strips[1 - self._current]
+        runner.bind_address(io_names.TILE_ACC, acc.device_ptr, self.acc_shape)
+        runner.bind_address(io_names.TILE_VALID, strip_valid.device_ptr, self.valid_shape)
+        runner.bind_address(io_names.LOGITS, *self._logits)
+        runner.bind_address(io_names.TILE_PLACE, staged.host_ptr, place.shape)
+        runner.bind_address(io_names.TILE_WINDOW_VALID, window_valid.device_ptr, (size, size))
+        runner.bind_address(io_names.TILE_WEIGHTS, self._weights.device_ptr, (size, size))
+        runner.bind_output(io_names.TILE_ACC_OUT, acc_out.device_ptr, acc_out.nbytes)
+        runner.bind_output(io_names.TILE_VALID_OUT, valid_out.device_ptr, valid_out.nbytes)
+        runner.enqueue()
+        self._current = 1 - self._current
+
+    def emit(self, count: int, with_probs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Normalize, argmax and shift the strip (``tile_emit.engine``); class map and validity to the host."""
+        runner = self.emit_runner
+        value = np.array([count], dtype=np.int64)
+        runner.check_shape_values(io_names.TILE_COUNT, value)
+        self._count.host_view(value.shape, value.dtype)[...] = value  # free: the last emit's fetch synchronized
+        acc, strip_valid = self._strips[self._current]
+        acc_out, valid_out = self._strips[1 - self._current]
+        runner.bind_address(io_names.TILE_ACC, acc.device_ptr, self.acc_shape)
+        runner.bind_address(io_names.TILE_VALID, strip_valid.device_ptr, self.valid_shape)
+        runner.bind_address(io_names.TILE_COUNT, self._count.host_ptr, value.shape)
+        runner.bind_output(io_names.TILE_ACC_OUT, acc_out.device_ptr, acc_out.nbytes)
+        runner.bind_output(io_names.TILE_VALID_OUT, valid_out.device_ptr, valid_out.nbytes)
+        runner.enqueue()
+        self._current = 1 - self._current
+        names = (io_names.TILE_LABELS, io_names.TILE_VALID_ROWS) + ((io_names.PROBS,) if with_probs else ())
+        out = runner.fetch(names)
+        labels = host_class_map(out[io_names.TILE_LABELS], self.num_classes)  # [count, W]
+        return labels, out[io_names.TILE_VALID_ROWS] > 0.5, out[io_names.PROBS] if with_probs else None
+
+    def close(self) -> None:
+        """Wait for the stream, then free the strips and staging buffers (idempotent)."""
+        if self._buffers:
+            self.cudart.cudaStreamSynchronize(self.stream)
+        for buf in self._buffers:
+            buf.free()
+        self._buffers.clear()
+
+
 _NP_DTYPES = {
     "FLOAT": np.float32,
     "HALF": np.float16,
@@ -613,6 +807,12 @@ class TensorRTBackend:
         if all(paper):
             self.manifests.update({g: read_manifest(self.engine_dir / g.engine_file) for g in PAPER_GRAPHS})
             check_head_takes_encoder(self.manifests[Graph.PAPER_ENCODER], self.manifests[Graph.PAPER_HEAD])
+        tile = [manifest_path(self.engine_dir / g.engine_file).is_file() for g in TILE_GRAPHS]
+        if any(tile) and not all(tile):
+            missing = next(g.engine_file for g, ok in zip(TILE_GRAPHS, tile) if not ok)
+            raise EngineBuildError(f"{self.engine_dir} has no {missing} beside the other tile engine; rebuild the engines.")
+        if all(tile):
+            self.manifests.update({g: read_manifest(self.engine_dir / g.engine_file) for g in TILE_GRAPHS})
         for graph, manifest in self.manifests.items():
             if graph is not Graph.TEXT:
                 check_same_model(self.manifests[Graph.TEXT], manifest)
@@ -623,7 +823,7 @@ class TensorRTBackend:
         self.max_views: int | None = views.max[0]
         self.preferred_views = views.opt[0]
         self._runners: dict[Graph, _EngineRunner] = {}
-        self._paper: dict[Graph, _PaperRunner] = {}
+        self._paper: dict[Graph, _PaperRunner] = {}  # paper and tile engines (buffers sized per call)
         self._stream: Any = None
         self._trt_runtime: Any = None
 
@@ -662,6 +862,39 @@ class TensorRTBackend:
             raise BackendError(PAPER_ENGINES_MISSING.format(folder=self.engine_dir))
         return self._paper[graph]
 
+    @property
+    def tile_blender(self) -> Callable[[WindowGrid, np.ndarray], TrtWindowBlender] | None:
+        """Tiled mode's device blender factory (``tile_blend.engine`` / ``tile_emit.engine``), or None without them.
+
+        The factory raises ``DeviceBlendUnavailable`` (tiled mode then blends on the host, with the
+        reason as a note) for an image wider, or a vocabulary larger, than the engines' profile, or
+        when the image engine's logits are not FP32 as the blend engine takes them.
+        """
+        self._runner(Graph.IMAGE)  # raises when not open
+        if Graph.TILE_BLEND not in self._paper:
+            return None
+        image, blend, emit = self._runners[Graph.IMAGE], self._paper[Graph.TILE_BLEND], self._paper[Graph.TILE_EMIT]
+        strip_max = blend.manifest.profiles[0].shapes[io_names.TILE_ACC].max  # (N + 1, R, W)
+
+        def make(grid: WindowGrid, text_embeds: np.ndarray) -> TrtWindowBlender:
+            num_classes = int(np.shape(text_embeds)[0])
+            if grid.width > strip_max[2]:
+                raise DeviceBlendUnavailable(
+                    f"the image is {grid.width} px wide, wider than the TensorRT tile engines take ({strip_max[2]} px)"
+                )
+            if num_classes + 1 > strip_max[0]:
+                raise DeviceBlendUnavailable(
+                    f"the TensorRT tile engines take up to {strip_max[0] - 1} classes, not {num_classes}"
+                )
+            if image.buffers[io_names.LOGITS].dtype != blend.dtypes[io_names.LOGITS]:
+                raise DeviceBlendUnavailable(
+                    f"{image.manifest.engine_file} writes {image.buffers[io_names.LOGITS].dtype} logits but "
+                    f"{blend.manifest.engine_file} takes {blend.dtypes[io_names.LOGITS]}"
+                )
+            return TrtWindowBlender(image, blend, emit, text_embeds, grid)
+
+        return make
+
     def segment_paper(
         self, image: np.ndarray, text_embeds: np.ndarray, out_size: tuple[int, int], with_probs: bool = False
     ) -> dict[str, np.ndarray]:
@@ -689,7 +922,7 @@ class TensorRTBackend:
         encoder.bind_host({io_names.PAPER_IMAGE: image})
         encoder.enqueue()
         for name in io_names.PAPER_FEATURES:
-            head.bind_device(name, *encoder.device_output(name))  # device to device: no copy at all
+            head.bind_address(name, *encoder.device_output(name))  # device to device: no copy at all
         head.bind_host({io_names.TEXT_EMBEDS: text_embeds, io_names.OUT_SIZE: size})
         head.enqueue()
         out = head.fetch((io_names.CLASS_MAP, io_names.PROBS) if with_probs else (io_names.CLASS_MAP,))
@@ -721,10 +954,10 @@ class TensorRTBackend:
         try:
             for graph, chunk_input in ((Graph.TEXT, io_names.TEXT_TOKENS), (Graph.IMAGE, io_names.IMAGES)):
                 self._runners[graph] = self._open(graph, chunk_input)
-            for graph in PAPER_GRAPHS:
+            for graph in PAPER_GRAPHS + TILE_GRAPHS:
                 if graph in self.manifests:
-                    self._paper[graph] = self._open_paper(graph)
-            if self._paper:
+                    self._paper[graph] = self._open_sized(graph)
+            if Graph.PAPER_HEAD in self._paper:
                 self._check_feature_dtypes()
         except BaseException:
             self.__exit__()
@@ -789,12 +1022,15 @@ class TensorRTBackend:
             )
         return engine
 
-    def _open_paper(self, graph: Graph) -> _PaperRunner:
-        """A paper runner: no buffers yet (they grow on use); the head's activation memory is ours (USER_MANAGED)."""
+    def _open_sized(self, graph: Graph) -> _PaperRunner:
+        """A paper or tile runner: no buffers yet (they grow on use).
+
+        Activation memory is ours (USER_MANAGED, sized per call) for every engine but the encoder.
+        """
         trt = _import_tensorrt()
         manifest = self.manifests[graph]
         engine = self._deserialize(manifest)
-        user_memory = graph is Graph.PAPER_HEAD
+        user_memory = graph is not Graph.PAPER_ENCODER
         if user_memory:
             context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         else:

@@ -6,9 +6,11 @@ backend's preferred view count while the calling thread runs the image graph. Ea
 logits are upsampled to 384 (torch-style bilinear), passed through a sigmoid and merged with the
 ramp weights; rows are handed to the sink as soon as no later window touches them, one band at a
 time, so memory holds one strip of rows, never the whole probability volume (nor a whole run of
-skipped nodata rows). A backend with a ``tile_blender`` (the torch backend) does the upsampling,
-sigmoid, blending, normalization and argmax on its device and hands back class-map rows; the
-others (ONNX Runtime, TensorRT for now) use the numpy path above, with a note.
+skipped nodata rows). A backend with a ``tile_blender`` (torch; ONNX Runtime and TensorRT when
+their folder has the tile graphs or engines) does the upsampling, sigmoid, blending, normalization
+and argmax on its device and hands back class-map rows; otherwise (an older export, or an image
+the device blender cannot take, e.g. wider than TensorRT's tile engines) the numpy path above
+runs, with a note saying why.
 
 Memory: ``--max-memory`` bounds the host and device buffers together (``tiled_memory``); on a CPU
 device they are the same memory, on a GPU the sum bounds each part.
@@ -28,7 +30,7 @@ import numpy as np
 
 from gsnet_deploy.contracts.atomic import signals_to_main_thread
 from gsnet_deploy.contracts.io_names import IMAGES, LOGITS, TEXT_EMBEDS
-from gsnet_deploy.errors import BackendError, GSNetError, ImageError
+from gsnet_deploy.errors import BackendError, DeviceBlendUnavailable, GSNetError, ImageError
 from gsnet_deploy.runtime.backend import Backend
 from gsnet_deploy.runtime.protocol import sigmoid
 from gsnet_deploy.runtime.resize import resize_bilinear
@@ -250,9 +252,11 @@ def _run_views(backend: Backend, views: np.ndarray, text_embeds: np.ndarray) -> 
 
 
 TILED_FALLBACK_NOTE = (
-    "the {name} backend has no device window blender (tile_blend.onnx, tile_emit.onnx): tiled windows are "
-    "blended in numpy on the host, which is slower; re-export an older ONNX folder to blend on the device"
+    "the {name} backend has no device window blender (tile_blend.onnx, tile_emit.onnx, or their engines): tiled "
+    "windows are blended in numpy on the host, which is slower; re-export an older ONNX folder (and rebuild the "
+    "engines) to blend on the device"
 )
+TILED_DECLINED_NOTE = "{why}: tiled windows are blended in numpy on the host, which is slower"
 
 
 def tile_blender_of(backend: Backend) -> Callable[[WindowGrid, np.ndarray], WindowBlender] | None:
@@ -298,8 +302,9 @@ def run_tiled(
         progress: show a tqdm bar with windows per second and ETA.
         desc: label of the progress bar.
         save_probs: the label sink also writes probabilities (they cross to the host).
-        device_blend: blend on the backend's device (None: when it can; False: the numpy reference).
-        notes: where to append the note when blending falls back to numpy.
+        device_blend: blend on the backend's device (None: when it can; False: the numpy reference;
+            True: raise when it cannot).
+        notes: where to append the note when blending falls back to numpy (and why).
 
     Returns:
         (windows run through the graph, windows skipped as nodata).
@@ -310,19 +315,48 @@ def run_tiled(
     if text_embeds.ndim != 2 or text_embeds.shape[0] == 0:
         raise BackendError(f"text embeddings must be [N, D] with N > 0, got {text_embeds.shape}")
     text_embeds = np.ascontiguousarray(text_embeds, dtype=np.float32)
-    num_classes = int(text_embeds.shape[0])
     grid = WindowGrid(source.height, source.width, WINDOW, overlap)
     factory = tile_blender_of(backend) if device_blend is not False else None
     if device_blend and factory is None:
         raise BackendError(f"the {backend.name} backend cannot blend tiled windows on its device")
+    blender: WindowBlender | None = None
+    fallback = TILED_FALLBACK_NOTE.format(name=backend.name)
+    if factory is not None:
+        try:
+            blender = factory(grid, text_embeds)  # allocates the strip on the device
+        except DeviceBlendUnavailable as why:
+            if device_blend:
+                raise
+            fallback = TILED_DECLINED_NOTE.format(why=why)
+    if blender is None and notes is not None:
+        notes.append(fallback)
+    try:
+        return _run_windows(source, sink, backend, text_embeds, grid, blender, max_memory, progress, desc, save_probs)
+    finally:
+        if blender is not None:
+            blender.close()
+
+
+def _run_windows(
+    source: RowSource,
+    sink: RowSink | LabelSink,
+    backend: Backend,
+    text_embeds: np.ndarray,
+    grid: WindowGrid,
+    blender: WindowBlender | None,
+    max_memory: int,
+    progress: bool,
+    desc: str,
+    save_probs: bool,
+) -> tuple[int, int]:
+    """``run_tiled`` once the blending is chosen: on the device with ``blender``, else in numpy."""
+    num_classes = int(text_embeds.shape[0])
     labels_out = callable(getattr(sink, "write_labels", None))
     with_probs = save_probs or not labels_out
-    on_device = factory is not None
     batch, prefetch = plan_batch(
-        source.width, num_classes, backend, max_memory, source.sample_bytes, device_blend=on_device, with_probs=with_probs
-    )
-    if factory is None and notes is not None:
-        notes.append(TILED_FALLBACK_NOTE.format(name=backend.name))
+        source.width, num_classes, backend, max_memory, source.sample_bytes, device_blend=blender is not None,
+        with_probs=with_probs,
+    )  # fmt: skip
     from tqdm import tqdm  # NOTE: lazy, tqdm is only needed when tiling
 
     def deliver(rows: FinishedRows | LabelRows) -> None:
@@ -338,10 +372,10 @@ def run_tiled(
     batches: queue.Queue = queue.Queue(maxsize=prefetch)
     worker = threading.Thread(target=_reader, args=(source, grid, batch, batches, stop), name="gsnet-tile-reader", daemon=True)
     strip: StripAccumulator | DeviceStrip
-    if factory is None:
+    if blender is None:
         strip = StripAccumulator(grid, num_classes)
     else:
-        strip = DeviceStrip(grid, factory(grid, text_embeds), with_probs=with_probs)
+        strip = DeviceStrip(grid, blender, with_probs=with_probs)
     bar = tqdm(total=len(grid), unit="win", desc=desc, disable=not progress, dynamic_ncols=True)
     ran = skipped = 0
     worker.start()

@@ -251,6 +251,10 @@ class WindowBlender(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Free the device buffers now (the blender is not used afterwards)."""
+        ...
+
 
 class _StripRows:
     """Bookkeeping of a strip of ``size`` image rows: which rows are final as windows come row by row.

@@ -453,6 +453,35 @@ def test_build_makes_paper_engines_with_their_profiles(tiny_onnx_with_pooling: P
     assert (out / "paper_head.engine").read_bytes() == b"plan:paper_head.onnx"
 
 
+def test_build_makes_fp32_tile_engines_with_shape_tensor_ranges(
+    tiny_onnx_with_pooling: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # catches: tiled mode's blending graphs built with the image graph's FP16 flag (sums of weighted
+    # probabilities in FP16), without value ranges for place / count (TensorRT refuses the network), with a
+    # strip wider than 2**31 elements at the profile maximum, or holding activation memory for that maximum
+    from gsnet_deploy.contracts.engine_manifest import TILE_GRAPHS, read_manifest
+    from gsnet_deploy.export.profiles import TILE_WIDTH_MAX
+    from gsnet_deploy.runtime.tiling import EMIT_ROWS, WINDOW
+
+    built = _fake_build_pipeline(monkeypatch, "10.3.0")
+    out = tmp_path / "engines"
+    result = build_engines(tiny_onnx_with_pooling, out, Precision.FP16, classes_opt=12)
+    configs = {p.name: c for p, c in built}
+    assert configs[io_names.IMAGE_GRAPH_FILE].flags.fp16  # the image engine is FP16 ...
+    for graph in TILE_GRAPHS:
+        config = configs[graph.onnx_file]  # ... the tile engines are built from the FP32 graphs without precision flags
+        assert not config.flags.fp16 and not config.flags.int8 and config.activation_resize
+        manifest = read_manifest(out / graph.engine_file)
+        assert manifest == result.manifests[graph] and "FP32" in manifest.precision_path
+        acc = manifest.profiles[0].shapes[io_names.TILE_ACC]
+        assert acc.max == (257, WINDOW, TILE_WIDTH_MAX) and acc.opt[0] == 13
+        assert acc.max[0] * acc.max[1] * acc.max[2] < 2**31
+    blend, emit = (read_manifest(out / g.engine_file).profiles[0] for g in TILE_GRAPHS)
+    assert blend.values[io_names.TILE_PLACE].min == (0, 0, 0, 1, 1)
+    assert blend.values[io_names.TILE_PLACE].max == (7, WINDOW - 1, TILE_WIDTH_MAX - 1, WINDOW, WINDOW)
+    assert emit.values[io_names.TILE_COUNT].max == (EMIT_ROWS,) and emit.values[io_names.TILE_COUNT].min == (1,)
+
+
 @pytest.mark.parametrize("paper_qdq", [False, True])
 def test_int8_build_uses_paper_qdq_or_falls_back_to_fp16(
     tiny_onnx_with_pooling: Path, tmp_path: Path, monkeypatch, paper_qdq: bool
