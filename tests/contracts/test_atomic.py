@@ -62,13 +62,3 @@ def test_worker_threads_leave_termination_signals_to_the_main_thread() -> None:
     assert {signal.SIGINT, signal.SIGTERM} <= seen[0]
     signals_to_main_thread()  # the main thread keeps receiving them
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-
-
-def test_the_folder_pipeline_and_tiled_reader_block_signals_in_their_workers() -> None:
-    """Catches: a new worker thread of the orchestrator that forgets ``signals_to_main_thread``."""
-    import inspect
-
-    from gsnet_deploy.runtime import segment, tiled
-
-    assert "initializer=signals_to_main_thread" in inspect.getsource(segment._pipelined)
-    assert "signals_to_main_thread()" in inspect.getsource(tiled._reader)

@@ -614,3 +614,54 @@ def test_eval_exits_1_when_a_sample_was_skipped(
     err = capsys.readouterr().err
     assert code == 1 and "tile_1.png" in err and "skipped" in err
     assert (tmp_path / "r.json").is_file()
+
+
+class _MaskRecordingRunner:
+    """An image runner (or row source) wrapper noting, per call, whether a worker thread could take SIGINT/SIGTERM."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.open_workers: list[str] = []  # worker threads that ran us without SIGINT and SIGTERM blocked
+        self.worker_calls = 0
+
+    def _note(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            return
+        self.worker_calls += 1
+        if not {signal.SIGINT, signal.SIGTERM} <= set(signal.pthread_sigmask(signal.SIG_BLOCK, [])):
+            self.open_workers.append(threading.current_thread().name)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._note()
+        return self.inner.run(feeds)  # type: ignore[attr-defined]
+
+    def read(self, *window: int) -> tuple[np.ndarray, np.ndarray | None]:
+        self._note()
+        return self.inner.read(*window)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_worker_threads_leave_sigint_and_sigterm_to_the_main_thread(tmp_path: Path, fakes, monkeypatch) -> None:
+    # catches: a worker thread of the orchestrator (the folder pipeline's device worker, the tiled window
+    # reader) that can take SIGINT or SIGTERM: the kernel may hand the signal to it, and a main thread
+    # blocked in a long write would not see the interrupt until that write returned
+    from gsnet_deploy.runtime import segment
+    from gsnet_deploy.runtime.rows import ArraySink, ArraySource
+    from gsnet_deploy.runtime.tiled import run_tiled
+    from gsnet_deploy.runtime.vocab import TextEmbeddingCache, parse_classes
+
+    runner = _MaskRecordingRunner(fakes.linear(3))
+    images = [_png(tmp_path / f"img{i}.png", seed=i) for i in range(3)]
+    monkeypatch.setattr(segment, "encode_vocabulary", lambda *args: np.eye(3, 512, dtype=np.float32))
+    options = segment.SegmentOptions(out_dir=tmp_path / "out", mode=segment.Mode.PAPER, progress=False)
+    with fakes.backend(runner) as backend:
+        report = segment.segment_files(images, backend, parse_classes("a,b,c"), options, TextEmbeddingCache(None), log=print)
+    assert len(report.written) == 3 and runner.worker_calls >= 2  # the device work ran in the pipeline's worker
+    source = _MaskRecordingRunner(ArraySource(np.zeros((500, 600, 3), np.uint8)))
+    run_tiled(source, ArraySink(3, 500, 600), fakes.backend(fakes.linear(3)), np.eye(3, 512, dtype=np.float32), progress=False)
+    assert source.worker_calls > 0  # windows were read in the reader thread
+    assert runner.open_workers == [] and source.open_workers == []
