@@ -33,7 +33,16 @@ from gsnet_deploy.runtime.ort_session import open_session
 from gsnet_deploy.runtime.rows import ArraySink, ArraySource
 from gsnet_deploy.runtime.tiled import run_tiled
 from gsnet_deploy.runtime.tiling import WINDOW
-from tests.runtime.test_tensorrt_backend import HOST, FakeContext, FakeEngine, FakeRuntime, PaperCudart, _manifest, _view
+from tests.runtime.test_tensorrt_backend import (
+    HOST,
+    FakeContext,
+    FakeEngine,
+    FakeRuntime,
+    PaperContext,
+    PaperCudart,
+    _manifest,
+    _view,
+)
 
 H2D, D2H = 1, 2  # FakeCudart's cudaMemcpyKind values
 HOST_INPUTS = {io_names.TILE_PLACE, io_names.TILE_COUNT}  # shape tensors: TensorRT places them in host memory
@@ -103,25 +112,8 @@ class ImageEngine(FakeEngine):
             out[...] = _forward(torch.from_numpy(images.copy()), torch.from_numpy(embeds.copy())).numpy()
 
 
-class TileContext:
+class TileContext(PaperContext):
     """An execution context of a tile engine: shapes and value ranges checked as TensorRT does, ONNX Runtime computes."""
-
-    def __init__(self, engine: TileEngine, strategy: Any) -> None:
-        self.engine, self.strategy = engine, strategy
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-        self.device_memory: tuple[int, int] | None = None
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        r = self.engine.profile.shapes[name]
-        if len(shape) != len(r.min) or any(not lo <= d <= hi for d, lo, hi in zip(shape, r.min, r.max)):
-            return False
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name: str, address: int) -> bool:
-        self.addresses[name] = address
-        return True
 
     def values(self, name: str) -> np.ndarray | None:
         """A shape tensor's values, read from host memory (None: unset or outside the profile's value range)."""
@@ -152,9 +144,6 @@ class TileContext:
 
     def update_device_memory_size_for_shapes(self) -> int:
         return 4096
-
-    def set_device_memory(self, address: int, size: int) -> None:
-        self.device_memory = (address, size)
 
     def execute_async_v3(self, handle: int) -> bool:
         engine = self.engine
