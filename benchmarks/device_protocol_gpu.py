@@ -15,7 +15,10 @@ engines: the ONNX graphs are exported (or taken from --onnx), ``gsnet export bui
 engines including ``paper_encoder`` / ``paper_head`` (or --engines names built ones; build seconds
 are reported), then graph = the image engine on 5 host views (host wall clock, copies included),
 device = ``TensorRTBackend.segment_paper`` (encoder + head, features kept on the GPU, class map
-copied back), per image = ``predict_paper``, folder as above.
+copied back), per image = ``predict_paper``, folder as above; and, when the build has the tile
+engines, tiled mode on a 768x1280 image (``run_tiled`` into a class-map sink): numpy blending on the
+host vs blending on the GPU, seconds per image, alternated per run (an error there is recorded in
+the report instead of losing the rows above).
 
 Writes ``device_protocol_<gpu>_<date>.json`` and ``.md`` atomically into --out (``device_protocol_trt_...``
 for TensorRT). Exit status 0 even when a goal is missed (the report says so); 2 when no CUDA device
@@ -161,13 +164,51 @@ def run_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
                     "folder_goal_met": folder["per_image_ms"] <= g / (1 - FOLDER_TOLERANCE),
                 }
                 print(f"TensorRT N={n}: graph {g:.2f} ms, per image {p:.2f} ms", file=sys.stderr)
+            tiled = _tiled_rows(backend, args.classes, runs=3 if iters >= 10 else 1)
             precision = backend.manifests[next(iter(backend.manifests))].precision.value
     import tensorrt
 
     return {"card": current_gpu()[0], "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
             "model": args.model_size, "weights": str(args.checkpoint or "demo weights"), "backend": "tensorrt",
             "precision": f"TensorRT {tensorrt.__version__}, {precision} engines", "image": f"{IMAGE_HW[1]}x{IMAGE_HW[0]}",
-            "torch": torch.__version__, **seconds, "results": results}  # fmt: skip
+            "torch": torch.__version__, **seconds, "results": results, "tiled": tiled}  # fmt: skip
+
+
+TILED_HW = (768, 1280)  # the image of the tiled rows (8 windows of 384 at the default overlap)
+
+
+def _tiled_rows(backend: Any, classes: list[int], runs: int) -> dict[str, Any]:
+    """Tiled mode on the engines: seconds per image with numpy blending vs the tile engines, per N (or why not)."""
+    from gsnet_deploy.runtime.rows import ArraySource
+    from gsnet_deploy.runtime.tiled import run_tiled
+
+    class LabelSink:  # keeps nothing: writing files is not what is timed
+        def write(self, rows: Any) -> None:
+            np.argmax(rows.probs, axis=0)
+
+        def write_labels(self, *args: Any) -> None:
+            pass
+
+    if backend.tile_blender is None:
+        return {"skipped": "the engines have no tile_blend / tile_emit engines (ONNX folder exported before them)"}
+    rgb = np.random.default_rng(1).integers(0, 256, size=(*TILED_HW, 3), dtype=np.uint8)
+    rows: dict[str, Any] = {}
+    try:
+        for n in classes:
+            text = backend.text.run({TEXT_TOKENS: _tokens(n)})[TEXT_EMBEDS]  # [N, 512]
+            times: dict[str, list[float]] = {"numpy": [], "device": []}
+            for i in range(runs + 1):  # the first round warms both up
+                for kind, blend in (("numpy", False), ("device", True)):
+                    start = time.perf_counter()
+                    run_tiled(ArraySource(rgb), LabelSink(), backend, text, progress=False, device_blend=blend)
+                    if i:
+                        times[kind].append(time.perf_counter() - start)
+            rows[f"N={n}"] = {kind: statistics.median(t) for kind, t in times.items()}
+            print(f"TensorRT tiled N={n}: numpy {rows[f'N={n}']['numpy']:.3f} s, device {rows[f'N={n}']['device']:.3f} s",
+                  file=sys.stderr)  # fmt: skip
+    except Exception as err:  # the rows above stay; say what failed
+        rows["error"] = f"{type(err).__name__}: {err}"
+    return rows
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -187,6 +228,15 @@ def markdown(payload: dict[str, Any]) -> str:
     if devices:
         lines += ["", "Paper encoder + head engines (`segment_paper`, features kept on the GPU): "
                   + ", ".join(f"{k} {d['median_ms']:.2f} ms" for k, d in devices.items()) + "."]  # fmt: skip
+    tiled = payload.get("tiled") or {}
+    timed = {k: r for k, r in tiled.items() if k.startswith("N=")}
+    if timed:
+        pairs = ", ".join(f"{k} {r['numpy']:.3f} vs {r['device']:.3f}" for k, r in timed.items())
+        lines += ["", f"Tiled mode, {TILED_HW[1]}x{TILED_HW[0]} image, seconds per image (median), numpy blending vs the "
+                  f"tile engines: {pairs}."]  # fmt: skip
+    for key in ("skipped", "error"):
+        if key in tiled:
+            lines += ["", f"Tiled mode {key}: {tiled[key]}."]
     builds = [f"{k} {payload[k]:.0f} s" for k in ("onnx_export_s", "engine_build_s") if k in payload]
     if builds:
         lines += ["", "Setup: " + ", ".join(builds) + "."]
