@@ -124,6 +124,10 @@ else
     skip protocol "benchmarks/device_protocol_gpu.py does not exist"
 fi
 
+# a folder of same-size images, K of them per device call (issue 12 item 4): torch fp16, fused kernel, CUDA graphs,
+# paper model, N=6 and 40, --batch-images 1 4 8 side by side (24 images: whole groups of 4 and 8); report in all.tar.gz
+step batch_images 200 '"$PYTHON" benchmarks/latency.py --model-size paper --backend torch --variant "fused kernel, CUDA graphs" --classes 6 40 --iters 5 --no-tiled --no-chart --folder 24 --batch-images 1 4 8 --out "$STEP_OUT"'
+
 # the same on TensorRT engines (text, image, paper encoder + head; exported and built in the step), when
 # TensorRT is installed: TRT_MODEL_SIZE=tiny for a quick first run (the paper-size build takes minutes)
 if [[ $DRY_RUN == 1 ]] || { wanted trt_protocol && timeout 60 "$PYTHON" -c "import tensorrt; tensorrt.Builder" >/dev/null 2>&1; }; then
@@ -176,6 +180,14 @@ for key, runs in (load(work / "torch_paths" / "gpu_torch_paths.json") or {}).get
     if "rel_l2_vs_fp32" in entry:
         err = entry["rel_l2_vs_fp32"]
         rows.append(f"torch_paths {key:<5} fp16 rel. L2 vs fp32 {err:.1e}  target <= 1e-2  {verdict(err <= 1e-2)}")
+for path in sorted((work / "batch_images").glob("latency_*.json")):  # issue 12 item 4: no target, K side by side
+    for name, variant in (load(path) or {}).get("variants", {}).items():
+        for key, entry in variant.get("paper", {}).items():
+            one = entry.get("folder", {}).get("device")
+            for k, run in sorted(entry.get("folder", {}).get("batched", {}).items(), key=lambda item: int(item[0])):
+                if one and run.get("per_image_ms"):
+                    rows.append(f"batch_images {key:<5} K={k}: {1e3 / run['per_image_ms']:7.1f} images/s, K=1 "
+                                f"{1e3 / one['per_image_ms']:7.1f} images/s ({one['per_image_ms'] / run['per_image_ms']:.2f}x)")
 print("targets (issue 17 item 5; the paper protocol per image within 2 ms of the graph: see the protocol step):")
 print("\n".join(rows) if rows else "no numbers: the profile and torch_paths steps wrote nothing")
 PY

@@ -172,6 +172,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         bands=parse_bands(args.bands) if args.bands else None,
         palette=args.palette,
         progress=args.progress,
+        batch_images=args.batch_images,
     )
     validate_run(args.images, vocab, options)  # before the model loads
     cache = TextEmbeddingCache(None if args.no_cache else _default_cache_dir())
@@ -320,6 +321,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         chart=args.chart,
         folder=args.folder,
         backends=tuple(BackendKind(b) for b in args.backend or ()),
+        batch_images=tuple(args.batch_images),
+        variants=tuple(args.variant or ()),
     )
     print(run_latency(options))
     return 0
@@ -422,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--palette", type=Path, help="class colors: JSON {name: '#rrggbb'} or one color per line")
     seg.add_argument("--no-cache", action="store_true", help="do not cache text embeddings")
     seg.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    seg.add_argument(
+        "--batch-images", type=int, default=1, metavar="K",
+        help="paper mode: up to K consecutive images of one size share one device call (torch backend; default: 1)",
+    )  # fmt: skip
     _add_backend_args(seg)
     seg.set_defaults(func=cmd_segment)
 
@@ -516,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[k.value for k in BackendKind],
         help="only this backend's variants (repeatable; default: every backend the host can run)",
     )
+    lat.add_argument(
+        "--batch-images", type=int, nargs="+", default=[1], metavar="K",
+        help="with --folder: the device protocol's folder run once per K (up to K same-size images per device call; "
+        "K > 1 on the torch backend only; default: 1)",
+    )  # fmt: skip
+    lat.add_argument("--variant", action="append", help="only variants whose name contains this text (repeatable)")
     lat.add_argument("--label", help="host part of the file names (default: GPU name or cpu-<cores>core)")
     lat.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
     lat.add_argument("--model-size", choices=[m.value for m in ModelSize], default="paper", help="tiny: quick demo-weight runs")

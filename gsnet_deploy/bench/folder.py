@@ -2,9 +2,12 @@
 
 For one entered backend and one class count it segments the same folder twice in one process:
 with the numpy protocol around the image graph (the backend's ``encoder``/``head`` hidden) and,
-when the backend has them, with the device protocol. Each run is the real pipeline of ``gsnet
-segment`` (decode, ResizeShortestEdge, graphs, mask, overlay and optional probabilities written
-atomically, images pipelined); the graph runners are wrapped to add up the time spent in them, so
+when the backend has them, with the device protocol; with ``batch_images`` K > 1 also with up to K
+same-size images per device call (``--batch-images``; the torch backend's ``segment_paper_batch``).
+Each run is the real pipeline of ``gsnet segment`` (decode, ResizeShortestEdge, graphs, mask,
+overlay and optional probabilities written atomically, images pipelined; a backend's combined
+``segment_paper`` / ``segment_paper_batch`` used as ``gsnet segment`` uses them); the graph calls
+are wrapped to add up the time spent in them, so
 
     per image = wall clock of the folder / images   (text encoder excluded)
     graph     = time inside the protocol's graphs / images
@@ -43,6 +46,23 @@ class _TimedRunner:
             self.clock[self.key] += time.perf_counter() - start
 
 
+class _TimedCall:
+    """A backend method (``segment_paper``, ``segment_paper_batch``) that adds its seconds to ``clock[key]``."""
+
+    def __init__(self, fn: Any, clock: dict[str, float], key: str) -> None:
+        self.fn, self.clock, self.key = fn, clock, key
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.clock[self.key] += time.perf_counter() - start
+
+
+COMBINED_CALLS = ("segment_paper", "segment_paper_batch")  # a backend's whole-protocol calls, timed when it has them
+
+
 @dataclass
 class _TimedBackend:
     """``backend`` with timed runners; ``device_protocol=False`` hides its encoder and head."""
@@ -62,6 +82,10 @@ class _TimedBackend:
         if runners is not None:
             self.encoder = _TimedRunner(runners[0], self.clock, "graph")
             self.head = _TimedRunner(runners[1], self.clock, "graph")
+            for name in COMBINED_CALLS:
+                fn = getattr(self.inner, name, None)
+                if callable(fn):
+                    setattr(self, name, _TimedCall(fn, self.clock, "graph"))
 
     def __enter__(self) -> _TimedBackend:
         return self
@@ -85,18 +109,35 @@ def make_folder(directory: Path, count: int, height: int = 512, width: int = 768
 
 
 def measure_folder(
-    backend: Backend, vocab: Vocabulary, images: Sequence[Path], *, device_protocol: bool, save_probs: bool = False
+    backend: Backend,
+    vocab: Vocabulary,
+    images: Sequence[Path],
+    *,
+    device_protocol: bool,
+    save_probs: bool = False,
+    batch_images: int = 1,
 ) -> dict[str, Any]:
     """Segment ``images`` once with an entered ``backend``; per-image wall clock and graph time in ms.
 
+    Args:
+        backend: an entered backend.
+        vocab: the classes.
+        images: the folder's images.
+        device_protocol: run the backend's encoder and head (False: the numpy protocol).
+        save_probs: also write the probabilities.
+        batch_images: ``SegmentOptions.batch_images`` (``--batch-images``).
+
     Returns None-free dict: ``per_image_ms``, ``graph_ms``, ``outside_share``, ``protocol``
-    ("device" or "numpy": what actually ran), ``images``.
+    ("device" or "numpy": what actually ran), ``images``, ``batch_images``, ``batched`` (whether
+    the backend has a batched call, i.e. whether K > 1 changed the device calls).
     """
     clock = {"text": 0.0, "graph": 0.0}
     timed = _TimedBackend(backend, clock, device_protocol)
     ran = "device" if protocol_runners(timed) is not None else "numpy"  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="gsnet-bench-folder-") as tmp:
-        options = SegmentOptions(out_dir=Path(tmp), mode=Mode.PAPER, save_probs=save_probs, progress=False)
+        options = SegmentOptions(
+            out_dir=Path(tmp), mode=Mode.PAPER, save_probs=save_probs, progress=False, batch_images=batch_images
+        )
         start = time.perf_counter()
         report = segment_files(images, timed, vocab, options, TextEmbeddingCache(None), log=lambda msg: None)  # type: ignore[arg-type]
         wall = time.perf_counter() - start - clock["text"]
@@ -104,5 +145,6 @@ def measure_folder(
         raise RuntimeError(f"folder benchmark: {report.failed[0][0]} failed: {report.failed[0][1]}")
     count = len(images)
     per_image, graph = 1e3 * wall / count, 1e3 * clock["graph"] / count
+    batched = ran == "device" and batch_images > 1 and callable(getattr(timed, "segment_paper_batch", None))
     return {"protocol": ran, "images": count, "per_image_ms": per_image, "graph_ms": graph,
-            "outside_share": max(0.0, 1.0 - graph / per_image)}  # fmt: skip
+            "outside_share": max(0.0, 1.0 - graph / per_image), "batch_images": batch_images, "batched": batched}  # fmt: skip

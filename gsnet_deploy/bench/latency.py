@@ -95,6 +95,11 @@ def discover_variants(options: LatencyOptions, caps: HostCaps) -> tuple[list[Var
         asked = ", ".join(b.value for b in options.backends)
         missing += [Unavailable(v.name, f"not asked (--backend {asked})") for v in runnable if v.engine not in options.backends]
         runnable = [v for v in runnable if v.engine in options.backends]
+    if options.variants:
+        asked = " | ".join(options.variants)
+        chosen = [v for v in runnable if any(part in v.name for part in options.variants)]
+        missing += [Unavailable(v.name, f"not asked (--variant {asked})") for v in runnable if v not in chosen]
+        runnable = chosen
     return runnable, missing
 
 
@@ -127,6 +132,8 @@ def run_latency(options: LatencyOptions, log: Callable[[str], None] = lambda m: 
     """
     if options.iters < 1:
         raise GSNetError(f"--iters is {options.iters}; pass 1 or more")
+    if not options.batch_images or min(options.batch_images) < 1:
+        raise GSNetError(f"--batch-images is {list(options.batch_images)}; pass counts of 1 or more, e.g. --batch-images 1 4")
     if not options.classes or min(options.classes) < 1:
         raise GSNetError(f"--classes is {list(options.classes)}; pass class counts of 1 or more, e.g. --classes 6 40")
     for label, path in [("--onnx", options.onnx_dir), *(("--engine", p) for p in options.engine_dirs)]:

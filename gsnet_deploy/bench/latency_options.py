@@ -34,6 +34,9 @@ class LatencyOptions:
         folder: images (768x512) of a folder segmented through ``segment_files`` per N, with the
             numpy protocol and the device protocol side by side (0: skip; ``bench.folder``).
         backends: only these backends' variants (empty: every backend the host can run).
+        batch_images: with ``folder``, the device protocol's folder run once per K here (``--batch-images``:
+            up to K same-size images per device call); K > 1 only on backends with a batched call (torch).
+        variants: only variants whose name contains one of these strings (empty: all).
     """
 
     onnx_dir: Path | None = None
@@ -49,6 +52,8 @@ class LatencyOptions:
     chart: bool = True
     folder: int = 0
     backends: tuple[BackendKind, ...] = ()
+    batch_images: tuple[int, ...] = (1,)
+    variants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

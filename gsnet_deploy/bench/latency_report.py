@@ -125,6 +125,17 @@ def format_markdown(report: LatencyReport) -> str:
                    if b["protocol"] == "device" else "not offered by this backend | — | —")  # fmt: skip
             lines.append(f"| {name} | {key[2:]} | {a['images']} | {_fmt(a['per_image_ms'])} | {_fmt(a['graph_ms'])} | "
                          f"{100 * a['outside_share']:.0f}% | {dev} |")  # fmt: skip
+    batched = [(name, key, f["device"], f["batched"]) for name, key, f in folders if f.get("batched")]
+    if batched:
+        lines += ["", "Same-size images sharing one device call (`gsnet segment --batch-images K`: the views of K images in "
+                  "one encoder and one head call), the device protocol's folder run per K, same run; K = 1 is the row above.",
+                  "", "| variant | N | images | K | ms/image | graphs ms | images/s | images/s vs K = 1 |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, key, one, runs in batched:
+            for k, r in sorted(((1, one), *((int(k), r) for k, r in runs.items())), key=lambda kr: kr[0]):
+                rate = 1e3 / r["per_image_ms"]
+                lines.append(f"| {name} | {key[2:]} | {r['images']} | {k} | {_fmt(r['per_image_ms'])} | {_fmt(r['graph_ms'])} | "
+                             f"{_fmt(rate, 2)} | {one['per_image_ms'] / r['per_image_ms']:.2f}x |")  # fmt: skip
     tiled = [(name, v["tiled"]) for name, v in report.variants.items() if "tiled" in v]
     if tiled:
         lines += ["", f"Tiled mode: one batch of {TILED_BATCH} views, N={TILED_CLASSES}.", "",

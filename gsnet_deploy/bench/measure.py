@@ -140,7 +140,7 @@ def measure_variant(spec: VariantSpec, options: LatencyOptions, log: Callable[[s
             else:
                 entry["graph"] = {**timing_stats(stages["image_graph"]), "timer": "host wall clock, host arrays"}
             if options.folder:
-                entry["folder"] = _measure_folder(backend, n, options.folder, log)
+                entry["folder"] = _measure_folder(backend, n, options.folder, log, options.batch_images)
             result["paper"][f"N={n}"] = entry
             log(f"  {spec.name}, N={n}: {entry['image']['median_ms']:.1f} ms per image "
                 f"(graph {entry['graph']['median_ms']:.1f} ms)")  # fmt: skip
@@ -153,8 +153,16 @@ def measure_variant(spec: VariantSpec, options: LatencyOptions, log: Callable[[s
     return result
 
 
-def _measure_folder(backend: Any, num_classes: int, count: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """A folder of ``count`` 768x512 images through ``segment_files``: numpy vs device protocol (``bench.folder``)."""
+def _measure_folder(
+    backend: Any, num_classes: int, count: int, log: Callable[[str], None], batch_images: Sequence[int] = (1,)
+) -> dict[str, Any]:
+    """A folder of ``count`` 768x512 images through ``segment_files``: numpy vs device protocol (``bench.folder``).
+
+    With K > 1 in ``batch_images`` and a backend with a batched call (``segment_paper_batch``: torch),
+    the device protocol also runs with ``--batch-images K`` (under ``"batched"``, keyed by K). Each
+    device run is preceded by an untimed run of one group (and of the last, smaller group), so
+    CUDA graph captures and first-call set-up are not timed.
+    """
     import tempfile
     from pathlib import Path
 
@@ -164,10 +172,23 @@ def _measure_folder(backend: Any, num_classes: int, count: int, log: Callable[[s
     vocab = parse_classes(",".join(f"{CLASS_NAMES[i % len(CLASS_NAMES)]} {i}" for i in range(num_classes)))
     with tempfile.TemporaryDirectory(prefix="gsnet-bench-images-") as tmp:
         images = make_folder(Path(tmp), count, *IMAGE_HW)
-        out = {label: measure_folder(backend, vocab, images, device_protocol=label == "device") for label in ("numpy", "device")}
-    for r in out.values():
-        log(f"    folder of {count}, N={num_classes}, {r['protocol']} protocol: {r['per_image_ms']:.1f} ms per image "
-            f"(graphs {r['graph_ms']:.1f} ms, outside {100 * r['outside_share']:.0f}%)")  # fmt: skip
+        out: dict[str, Any] = {"numpy": measure_folder(backend, vocab, images, device_protocol=False)}
+        runs = {k: None for k in (1, *batch_images)}  # K=1 first, each K once
+        can_batch = callable(getattr(backend, "segment_paper_batch", None))
+        for k in runs:
+            if k > 1 and not can_batch:
+                continue
+            for warm in {min(k, count), count % k} - {0}:
+                measure_folder(backend, vocab, images[:warm], device_protocol=True, batch_images=k)
+            result = measure_folder(backend, vocab, images, device_protocol=True, batch_images=k)
+            if k == 1:
+                out["device"] = result
+            else:
+                out.setdefault("batched", {})[str(k)] = result
+    for r in (out["numpy"], out["device"], *out.get("batched", {}).values()):
+        log(f"    folder of {count}, N={num_classes}, {r['protocol']} protocol, batch {r['batch_images']}: "
+            f"{r['per_image_ms']:.1f} ms per image (graphs {r['graph_ms']:.1f} ms, "
+            f"outside {100 * r['outside_share']:.0f}%)")  # fmt: skip
     return out
 
 

@@ -3,10 +3,11 @@
 The same steps as the numpy reference ``runtime.protocol`` (design.md section 1), on the model's
 device and exportable to ONNX (``export.protocol_onnx``):
 
-- ``PaperEncoder``: the uint8 image ``[1, 3, h, w]`` after detectron2's ``ResizeShortestEdge``
-  (done on the host with PIL) -> the 640x640 canvas (bilinear, align_corners False) -> 4 tiles of
-  384 at stride 256 (row-major) + the global view (the ``[h, w]`` image resized to 384, not the
-  canvas) -> ``GSNet.encode_views`` -> the class-independent features of the 5 views.
+- ``PaperEncoder``: the uint8 image ``[1, 3, h, w]`` (or ``[B, 3, h, w]``: B images of one size)
+  after detectron2's ``ResizeShortestEdge`` (done on the host with PIL) -> the 640x640 canvas
+  (bilinear, align_corners False) -> 4 tiles of 384 at stride 256 (row-major) + the global view
+  (the ``[h, w]`` image resized to 384, not the canvas) -> ``GSNet.encode_views`` -> the
+  class-independent features of the 5 views (of each image).
 - ``PaperHead``: features + text embeddings ``[N, 512]`` + the output size ``(H, W)`` ->
   ``GSNet.decode_views`` -> logits upsampled 96 -> 384 (bilinear), sigmoid, tiles averaged where
   they overlap, averaged with the global view upsampled to 640, resized to ``(H, W)`` -> the
@@ -87,15 +88,20 @@ class PaperEncoder(nn.Module):
 
     @staticmethod
     def views(image: torch.Tensor) -> torch.Tensor:
-        """The 5 views ``[5, 3, 384, 384]`` float32 (raw 0..255) of an image ``[1, 3, h, w]`` (uint8 or float)."""
-        chw = image.float()  # [1, 3, h, w]
-        canvas = bilinear(chw, (CANVAS, CANVAS))  # [1, 3, 640, 640]
-        tiles = [canvas[:, :, r : r + VIEW_SIZE, c : c + VIEW_SIZE] for r, c in tile_offsets()]  # 4 x [1, 3, 384, 384]
-        global_view = bilinear(chw, (VIEW_SIZE, VIEW_SIZE))  # [1, 3, 384, 384]: from the [h, w] image
-        return torch.cat([*tiles, global_view], dim=0)  # [5, 3, 384, 384]
+        """The 5 views ``[5B, 3, 384, 384]`` float32 (raw 0..255) of B images ``[B, 3, h, w]`` (uint8 or float).
+
+        View-major: tile 0 of every image, then tile 1, ..., then the global views, so that one
+        image (B = 1, the exported graph) gives its 5 views in the protocol's order and view ``v``
+        of image ``b`` sits at ``v * B + b`` (``PaperHead.forward_batch`` relies on it).
+        """
+        chw = image.float()  # [B, 3, h, w]
+        canvas = bilinear(chw, (CANVAS, CANVAS))  # [B, 3, 640, 640]
+        tiles = [canvas[:, :, r : r + VIEW_SIZE, c : c + VIEW_SIZE] for r, c in tile_offsets()]  # 4 x [B, 3, 384, 384]
+        global_view = bilinear(chw, (VIEW_SIZE, VIEW_SIZE))  # [B, 3, 384, 384]: from the [h, w] image
+        return torch.cat([*tiles, global_view], dim=0)  # [5B, 3, 384, 384]
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features keyed by ``PAPER_FEATURES``, each with the 5 views on axis 0."""
+        """Features keyed by ``PAPER_FEATURES``, each with the 5B views on axis 0 (in ``views`` order)."""
         return self.model.encode_views(self.views(image))
 
 
@@ -138,6 +144,27 @@ class PaperHead(nn.Module):
         logits = self.model.decode_views(features, text_embeds)  # [5, N, 96, 96]
         probs = self.merge(logits, (out_size[0], out_size[1]))  # [N, H, W]
         class_map = torch.argmax(probs, dim=0).to(torch.int32)  # [H, W]
+        return class_map, probs
+
+    def forward_batch(
+        self, features: Mapping[str, torch.Tensor], text_embeds: torch.Tensor, out_size: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B images of one size at once: class maps ``[B, H, W]`` int32 and probabilities ``[B, N, H, W]`` float32.
+
+        One ``decode_views`` call on the 5B views (``PaperEncoder`` of a ``[B, 3, h, w]`` batch, view
+        major), then each image's own 5 views merged as in ``forward``, one image at a time (the
+        merge's ``[N, 640, 640]`` intermediates stay those of one image).
+
+        Args:
+            features: ``PaperEncoder`` outputs of B images (every name of ``PAPER_FEATURES``).
+            text_embeds: ``[N, 512]``.
+            out_size: int64 ``[2]``: the original images' (H, W), shared by the batch.
+        """
+        logits = self.model.decode_views(features, text_embeds)  # [5B, N, 96, 96]
+        per_image = logits.unflatten(0, (NUM_VIEWS, -1))  # [5, B, N, 96, 96]
+        size = (out_size[0], out_size[1])
+        probs = torch.stack([self.merge(per_image[:, b], size) for b in range(per_image.shape[1])])  # [B, N, H, W]
+        class_map = torch.argmax(probs, dim=1).to(torch.int32)  # [B, H, W]
         return class_map, probs
 
 

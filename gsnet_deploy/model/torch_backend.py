@@ -29,7 +29,7 @@ from gsnet_deploy.errors import BackendError
 from gsnet_deploy.model.gsnet import GSNet
 from gsnet_deploy.model.protocol import PaperEncoder, PaperHead
 from gsnet_deploy.model.tile_blend import TorchWindowBlender
-from gsnet_deploy.runtime.protocol import host_class_map
+from gsnet_deploy.runtime.protocol import NUM_VIEWS, host_class_map
 from gsnet_deploy.runtime.tiling import WindowGrid
 
 
@@ -163,6 +163,7 @@ class _PaperRunners:
         self.head_module = PaperHead(model).to(device)  # the tile count buffer
         self._encode_graphs = CudaGraphCache(self._encode_tuple) if cuda_graphs else None
         self._head_graphs = CudaGraphCache(self._head_tuple) if cuda_graphs else None
+        self._head_batch_graphs = CudaGraphCache(self._head_batch_tuple) if cuda_graphs else None
 
     def _encode_tuple(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.encoder_module(image)
@@ -173,9 +174,14 @@ class _PaperRunners:
         class_map, probs = self.head_module(dict(zip(PAPER_FEATURES, features)), text, out_size)
         return class_map, probs
 
+    def _head_batch_tuple(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *features, text, out_size = inputs
+        class_maps, probs = self.head_module.forward_batch(dict(zip(PAPER_FEATURES, features)), text, out_size)
+        return class_maps, probs
+
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 ``[1, 3, h, w]`` device tensor -> device features (CUDA graph per (h, w) on CUDA)."""
+        """uint8 ``[B, 3, h, w]`` device tensor -> device features of the 5B views (CUDA graph per (B, h, w) on CUDA)."""
         if self._encode_graphs is not None:
             outputs = self._encode_graphs(image, key=tuple(image.shape))
             return {name: t.clone() for name, t in zip(PAPER_FEATURES, outputs)}  # the next replay overwrites the buffers
@@ -194,6 +200,25 @@ class _PaperRunners:
         else:
             class_map, probs = self._head_tuple(*inputs, text, size)
         return class_map, probs
+
+    @torch.no_grad()
+    def decode_batch(
+        self, features: Mapping[str, torch.Tensor], text: torch.Tensor, out_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of B images (``encode`` of ``[B, 3, h, w]``) -> device class maps and probabilities.
+
+        Returns class maps ``[B, H, W]`` int32 and probabilities ``[B, N, H, W]`` (CUDA graph per
+        (B, N, H, W) on CUDA).
+        """
+        text = text.to(self.device, self.dtype)
+        size = torch.tensor(out_size, dtype=torch.int64)  # sizes are shapes: they stay on the host
+        inputs = [features[name] for name in PAPER_FEATURES]
+        if self._head_batch_graphs is not None:
+            batch = inputs[0].shape[0] // NUM_VIEWS
+            class_maps, probs = self._head_batch_graphs(*inputs, text, size, key=(batch, text.shape[0], *out_size))
+        else:
+            class_maps, probs = self._head_batch_tuple(*inputs, text, size)
+        return class_maps, probs
 
 
 class _EncoderRunner:
@@ -236,6 +261,14 @@ def _paper_image(image: np.ndarray) -> torch.Tensor:
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[:2] != (1, 3) or min(array.shape[2:]) < 1:
         raise BackendError(f"the paper encoder takes a uint8 image [1, 3, h, w], got {array.dtype} {list(array.shape)}.")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _paper_images(images: np.ndarray) -> torch.Tensor:
+    """B images of one size as a uint8 ``[B, 3, h, w]`` tensor, or a BackendError naming what is wrong."""
+    array = np.asarray(images)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] < 1 or array.shape[1] != 3 or min(array.shape[2:]) < 1:
+        raise BackendError(f"the batched paper path takes uint8 images [B, 3, h, w], got {array.dtype} {list(array.shape)}.")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -374,3 +407,32 @@ class TorchBackend:
         text = torch.from_numpy(np.ascontiguousarray(text_embeds, dtype=np.float32))
         class_map, probs = paper.decode(features, text, (int(out_size[0]), int(out_size[1])))
         return paper_outputs(class_map, probs, text.shape[0], (CLASS_MAP, PROBS) if with_probs else (CLASS_MAP,))
+
+    def segment_paper_batch(
+        self, images: np.ndarray, text_embeds: np.ndarray, out_size: tuple[int, int], with_probs: bool = False
+    ) -> list[dict[str, np.ndarray]]:
+        """``segment_paper`` of B images of one size in one encoder call and one head call (5B views each).
+
+        The views of all B images go through ``encode_views`` together and ``decode_views``
+        together; each image's own 5 views are then merged, resized and reduced to its class map
+        as in ``segment_paper`` (CUDA graphs per batch size on CUDA). Per image the result equals
+        ``segment_paper``'s up to the batch's effect on the convolutions' and matmuls' summation
+        order (none on CPU fp32 in the tests).
+
+        Args:
+            images: uint8 ``[B, 3, h, w]``, each after ``ResizeShortestEdge`` of an image of ``out_size``.
+            text_embeds: ``[N, 512]``.
+            out_size: the original (H, W), shared by the B images.
+            with_probs: also return ``PROBS`` ``[N, H, W]`` per image.
+
+        Returns:
+            B dicts, in the order of ``images``, as ``segment_paper`` returns them.
+        """
+        paper = self.paper
+        batch = _paper_images(images)
+        features = paper.encode(batch.to(self.device))  # 5B views, view major
+        text = torch.from_numpy(np.ascontiguousarray(text_embeds, dtype=np.float32))
+        class_maps, probs = paper.decode_batch(features, text, (int(out_size[0]), int(out_size[1])))  # [B, H, W], [B, N, H, W]
+        names = (CLASS_MAP, PROBS) if with_probs else (CLASS_MAP,)
+        host = paper_outputs(class_maps, probs, text.shape[0], names)  # one copy of the B maps (and probs) to the host
+        return [{name: host[name][b] for name in names} for b in range(batch.shape[0])]

@@ -18,7 +18,7 @@ Torch-free: numpy and the backend's runners only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -70,9 +70,21 @@ class PaperPath(Protocol):
         """``decode(encode(resized), ...)``, without handing the features to the host where the backend can."""
         ...
 
+    def segment_batch(
+        self, resized: Sequence[np.ndarray], text_embeds: np.ndarray, out_size: tuple[int, int], probs: bool
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """``segment`` of several images of one size (same ``resized`` shape, same ``out_size``), in their order.
 
-class OnePiecePath:
-    """The numpy protocol around the one-piece image graph: the features are the 5 views, the head is everything."""
+        This default runs them one at a time; a path whose backend can run them in one call overrides it.
+        """
+        return [self.segment(image, text_embeds, out_size, probs) for image in resized]
+
+
+class OnePiecePath(PaperPath):
+    """The numpy protocol around the one-piece image graph: the features are the 5 views, the head is everything.
+
+    Several images run one at a time (``PaperPath.segment_batch``): the image graph's views are one image's.
+    """
 
     feature_names: tuple[str, ...] = (VIEWS_FEATURE,)
     split = False
@@ -106,12 +118,16 @@ class OnePiecePath:
         return self.decode(self.encode(resized), text_embeds, out_size, probs)
 
 
-class SplitPath:
+class SplitPath(PaperPath):
     """The paper protocol in the backend's encoder and head runners (``paper_encoder`` / ``paper_head`` graphs).
 
     The encoder takes the uint8 image after ResizeShortestEdge and returns the class-independent
     features of the 5 views; the head decodes them with text embeddings, merges the views and
     resizes to the output size on the backend's device, returning probabilities only when asked.
+
+    Several images of one size share one call when the backend has ``segment_paper_batch`` (the
+    torch backend); the ONNX Runtime and TensorRT paper graphs take one image ``[1, 3, h, w]``, so
+    there they run one at a time.
     """
 
     feature_names: tuple[str, ...] = PAPER_FEATURES
@@ -143,6 +159,23 @@ class SplitPath:
             return self.decode(self.encode(resized), text_embeds, out_size, probs)
         out = combined(_image_nchw(resized), text_embeds, (int(out_size[0]), int(out_size[1])), with_probs=probs)
         return self._outputs(out, text_embeds.shape[0], out_size, probs)
+
+    def segment_batch(
+        self, resized: Sequence[np.ndarray], text_embeds: np.ndarray, out_size: tuple[int, int], probs: bool
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Several images of one size in one call of the backend's ``segment_paper_batch``, else one at a time."""
+        batched = getattr(self.backend, "segment_paper_batch", None)
+        if not callable(batched) or len(resized) < 2:
+            return super().segment_batch(resized, text_embeds, out_size, probs)
+        shapes = {image.shape for image in resized}
+        if len(shapes) != 1:
+            raise BackendError(f"a batch of paper images must share one size, got {sorted(shapes)}")
+        images = np.stack([_image_nchw(image)[0] for image in resized])  # [B, 3, h, w]
+        size = (int(out_size[0]), int(out_size[1]))
+        outs = batched(images, text_embeds, size, with_probs=probs)
+        if len(outs) != len(resized):
+            raise BackendError(f"the {self.backend.name} backend returned {len(outs)} results for {len(resized)} images")
+        return [self._outputs(out, text_embeds.shape[0], out_size, probs) for out in outs]
 
     def _outputs(
         self, out: Mapping[str, np.ndarray], num_classes: int, out_size: tuple[int, int], probs: bool

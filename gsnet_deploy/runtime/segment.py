@@ -17,9 +17,12 @@ A failing input is reported and counted; the others are still processed.
 
 A folder of plain images in paper mode is pipelined (``segment_files``): while the backend runs
 image i on one worker thread, the calling thread decodes image i+1 and then writes image i-1's
-outputs. At most one image is ahead of the device and one behind it. Files are written and
-committed only by the calling thread, so Ctrl-C/SIGTERM still discard the input in progress; log
-lines keep the input order.
+outputs. At most one image is ahead of the device and one behind it. With ``batch_images`` K > 1
+(``--batch-images``), up to K consecutive images of one size share one device call where the
+backend allows it (the torch backend), and the pipeline moves by such groups instead of images;
+a failing group call is retried one image at a time, so the image at fault is the one reported.
+Files are written and committed only by the calling thread, so Ctrl-C/SIGTERM still discard the
+input in progress; log lines keep the input order.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -53,6 +57,7 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 DEMO_DIGEST_PREFIX = "demo-"  # model digests of demo weights (model.demo_digest)
 DEMO_MODEL_WARNING = "this model was exported from deterministic demo weights (no --checkpoint): its masks mean nothing"
 MAX_GSD_SCALE = 16.0  # --gsd-scale beyond this is almost surely a typo (256x the pixels)
+MAX_BATCH_IMAGES = 64  # --batch-images: the folder pipeline holds up to about twice this many decoded images
 
 
 class Mode(enum.Enum):
@@ -86,6 +91,7 @@ class SegmentOptions:
     template: str = DEFAULT_TEMPLATE
     progress: bool = True
     overlay: bool = True  # library use only (benchmarks time inference without it); the CLI always writes it
+    batch_images: int = 1  # paper mode: up to this many consecutive images of one size share one device call
 
 
 @dataclass
@@ -133,6 +139,8 @@ def validate_run(paths: Sequence[Path], vocab: Vocabulary, options: SegmentOptio
         raise GSNetError(f"--gsd-scale {options.gsd_scale} must be in (0, {MAX_GSD_SCALE:g}]; 1 keeps the native resolution")
     if not options.max_memory > 0:
         raise GSNetError(f"--max-memory {options.max_memory / 2**30:g} GiB must be positive; pass e.g. --max-memory 2")
+    if not 1 <= options.batch_images <= MAX_BATCH_IMAGES:
+        raise GSNetError(f"--batch-images {options.batch_images} must be from 1 to {MAX_BATCH_IMAGES}; 1 is one image per call")
     validate_vocabulary(vocab, options.template)
     if options.bands is not None:
         plain = [p for p in paths if p.suffix.lower() not in RASTER_SUFFIXES]
@@ -240,6 +248,32 @@ def predict_paper(
     """
     path = paper_path(backend) if path is None else path
     return path.segment(resize_shortest_edge(rgb), text_embeds, (rgb.shape[0], rgb.shape[1]), want_probs)
+
+
+def predict_paper_batch(
+    backend: Backend,
+    rgbs: Sequence[np.ndarray],
+    text_embeds: np.ndarray,
+    want_probs: bool,
+    *,
+    path: PaperPath | None = None,
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``predict_paper`` of several images of one size, in one device call where the backend allows it.
+
+    Each image is resized on the host (``ResizeShortestEdge``), then the path's ``segment_batch``
+    runs them together (the torch backend: one encoder and one head call on the 5B views) or one
+    at a time (ONNX Runtime, TensorRT, the numpy protocol).
+
+    Raises:
+        GSNetError: the images do not share one size.
+
+    """
+    sizes = {rgb.shape[:2] for rgb in rgbs}
+    if len(sizes) != 1:
+        raise GSNetError(f"images of one batch must share one size, got {sorted(sizes)}")
+    path = paper_path(backend) if path is None else path
+    height, width = rgbs[0].shape[:2]
+    return path.segment_batch([resize_shortest_edge(rgb) for rgb in rgbs], text_embeds, (height, width), want_probs)
 
 
 def is_raster(path: Path) -> bool:
@@ -496,6 +530,7 @@ def segment_files(
 
 
 _Run = Callable[[list[str], np.ndarray, Callable[[str], None]], InputResult]
+_Result = tuple[np.ndarray, np.ndarray | None]
 
 
 @dataclass
@@ -505,7 +540,19 @@ class _Staged:
     path: Path
     loaded: LoadedImage | None = None  # decoded plain image bound for paper mode
     error: GSNetError | None = None  # decoding failed: reported in its turn
-    device: Future[tuple[np.ndarray, np.ndarray | None]] | None = None
+    device: Future[Any] | None = None  # its result, or its group's results (``_run_group``) at ``index``
+    index: int | None = None  # its place in a group's device call (None: it ran alone)
+
+    def paper_result(self) -> _Result:
+        """The finished device result (call after ``device`` is done); an error of this image is raised here."""
+        assert self.device is not None
+        result = self.device.result()
+        if self.index is None:
+            return cast(_Result, result)
+        mine = result[self.index]
+        if isinstance(mine, Exception):
+            raise mine
+        return cast(_Result, mine)
 
 
 def _stage(path: Path, options: SegmentOptions) -> _Staged:
@@ -522,28 +569,93 @@ def _stage(path: Path, options: SegmentOptions) -> _Staged:
         return _Staged(path, error=exc)
 
 
+class _Groups:
+    """The inputs staged in groups: up to ``limit`` consecutive paper-mode images of one size, else one input.
+
+    A group ends at ``limit`` images, before an input that is not a decoded paper-mode image, and
+    before an image of another size; the input that ended it (already decoded) starts the next
+    group. With ``limit`` 1 every group is one input, decoded when its group is asked for.
+    """
+
+    def __init__(self, paths: Sequence[Path], options: SegmentOptions) -> None:
+        self.paths, self.options = paths, options
+        self.limit = max(1, options.batch_images)
+        self.next_index = 0
+        self.pending: _Staged | None = None  # decoded, not yet in a group
+
+    def _take(self) -> _Staged | None:
+        if self.pending is not None:
+            staged, self.pending = self.pending, None
+            return staged
+        if self.next_index >= len(self.paths):
+            return None
+        self.next_index += 1
+        return _stage(self.paths[self.next_index - 1], self.options)
+
+    def next(self) -> list[_Staged]:
+        """The next group (empty when every input was handed out)."""
+        group: list[_Staged] = []
+        while len(group) < self.limit:
+            staged = self._take()
+            if staged is None:
+                break
+            if staged.loaded is None:  # not paper mode, or unreadable: alone, in its turn
+                if group:
+                    self.pending = staged
+                    break
+                return [staged]
+            if group and staged.loaded.rgb.shape != group[0].loaded.rgb.shape:  # type: ignore[union-attr]
+                self.pending = staged
+                break
+            group.append(staged)
+        return group
+
+
+def _run_group(
+    backend: Backend, rgbs: list[np.ndarray], text_embeds: np.ndarray, want_probs: bool, path: PaperPath
+) -> list[_Result | Exception]:
+    """One device call for a group of images of one size; if it fails, each image alone (its own error kept)."""
+    try:
+        return list(predict_paper_batch(backend, rgbs, text_embeds, want_probs, path=path))
+    except Exception:  # retried per image below, so that the failing image is the one reported
+        results: list[_Result | Exception] = []
+        for rgb in rgbs:
+            try:
+                results.append(predict_paper(backend, rgb, text_embeds, want_probs, path=path))
+            except Exception as exc:  # raised in that image's turn
+                results.append(exc)
+        return results
+
+
 def _pipelined(
     paths: Sequence[Path], backend: Backend, protocol: PaperPath, text_embeds: np.ndarray, options: SegmentOptions
 ) -> Iterator[tuple[Path, _Run]]:
     """Yield each input with a function that finishes it (writes its outputs), in input order.
 
-    Paper-mode images run on the backend in one worker thread: image i+1 is decoded while image i
-    is on the device, and image i is written (by the caller, on return from the yielded function)
-    while image i+1 is on the device. Everything else runs whole in ``segment_one`` in its turn.
+    Paper-mode images run on the backend in one worker thread, in groups (``_Groups``: one image,
+    or up to ``options.batch_images`` consecutive images of one size in one device call): group
+    g+1 is decoded while group g is on the device, and group g is written (by the caller, on
+    return from the yielded functions) while group g+1 is on the device, so at most about two
+    groups of decoded images are held. Everything else runs whole in ``segment_one`` in its turn.
     """
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsnet-device", initializer=signals_to_main_thread)
 
-    def submit(staged: _Staged) -> None:
-        if staged.loaded is not None:
-            rgb = np.ascontiguousarray(staged.loaded.rgb)
-            staged.device = worker.submit(predict_paper, backend, rgb, text_embeds, options.save_probs, path=protocol)
+    def submit(group: list[_Staged]) -> None:
+        paper = [staged for staged in group if staged.loaded is not None]
+        if len(paper) == 1:
+            rgb = np.ascontiguousarray(paper[0].loaded.rgb)  # type: ignore[union-attr]
+            paper[0].device = worker.submit(predict_paper, backend, rgb, text_embeds, options.save_probs, path=protocol)
+        elif paper:
+            rgbs = [np.ascontiguousarray(staged.loaded.rgb) for staged in paper]  # type: ignore[union-attr]
+            future = worker.submit(_run_group, backend, rgbs, text_embeds, options.save_probs, protocol)
+            for index, staged in enumerate(paper):
+                staged.device, staged.index = future, index
 
     def finisher(staged: _Staged) -> _Run:
         def run(class_names: list[str], palette: np.ndarray, log: Callable[[str], None]) -> InputResult:
             if staged.error is not None:
                 raise staged.error
-            device = staged.device
-            paper = None if device is None else (lambda rgb: device.result())
+            paper = None if staged.device is None else (lambda rgb: staged.paper_result())
             return segment_one(
                 staged.path, backend, text_embeds, class_names, options, palette, log=log,
                 kind=InputKind.IMAGE if staged.loaded is not None else None, loaded=staged.loaded, paper=paper,
@@ -551,21 +663,21 @@ def _pipelined(
 
         return run
 
+    groups = _Groups(paths, options)
     try:
-        current = _stage(paths[0], options) if paths else None
-        if current is not None:
-            submit(current)
-        for index in range(len(paths)):
-            assert current is not None
-            following = _stage(paths[index + 1], options) if index + 1 < len(paths) else None  # decode i+1
-            if current.device is not None:
-                wait([current.device])  # image i done on the device (its errors surface when it is written)
-            early = current.loaded is not None  # image i only has its outputs left to write: the device is free
-            if early and following is not None:
-                submit(following)  # device on image i+1 ...
-            yield current.path, finisher(current)  # ... while image i is written
-            if not early and following is not None:
-                submit(following)  # image i ran whole on the backend: image i+1 only now
+        current = groups.next()
+        submit(current)
+        while current:
+            following = groups.next()  # decode group g+1
+            if current[0].device is not None:
+                wait([current[0].device])  # group g done on the device (its errors surface when written)
+            early = current[0].loaded is not None  # group g only has its outputs left to write: the device is free
+            if early and following:
+                submit(following)  # device on group g+1 ...
+            for staged in current:
+                yield staged.path, finisher(staged)  # ... while group g is written
+            if not early and following:
+                submit(following)  # the input ran whole on the backend: group g+1 only now
             current = following
     finally:
         worker.shutdown(wait=False, cancel_futures=True)

@@ -130,7 +130,7 @@ def test_cpu_smoke_mode_writes_a_report_with_every_stage(tmp_path: Path) -> None
 
 _SCRIPT = _PATH.parent / "device_check.sh"
 _STEPS = [
-    "card", "setup", "tests", "profile", "torch_paths", "protocol",
+    "card", "setup", "tests", "profile", "torch_paths", "protocol", "batch_images",
     "trt_protocol", "kernel_bench", "tiled_blend", "requery", "targets",
 ]  # fmt: skip
 
