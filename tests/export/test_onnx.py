@@ -229,3 +229,49 @@ def test_export_onnx_full_model_matches_torch_on_one_view(paper_onnx_dir):
 
 
 FULL_ATOL = 1e-5
+
+
+class _ShapeArithmetic(torch.nn.Module):
+    """Shape-dependent reshapes around a weight over 64 KB: onnxslim folds the shape ops only with inferred shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(256, 256)  # 256 KB of weights: left out of the weight-free view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        y = self.proj(x).reshape(b * n, c).reshape(b, n, 16, c // 16)  # [B, N, 16, 16]
+        return y.permute(0, 2, 1, 3).reshape(b, 16, n * (c // 16))  # [B, 16, N * 16]
+
+
+def test_slim_infers_shapes_without_weights_and_gets_plain_onnxslims_graph(tmp_path: Path, monkeypatch) -> None:
+    # catches: the inferred shapes not copied back (onnxslim then folds differently), the weights still handed to
+    # the shape inference (the memory it was meant to save), onnxslim's own function left patched afterwards
+    import onnxslim
+    import onnxslim.core
+
+    from gsnet_deploy.export import onnx as export_onnx_module
+
+    path = tmp_path / "raw.onnx"
+    torch.onnx.export(
+        _ShapeArithmetic(), (torch.randn(2, 3, 256),), str(path), input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "B", 1: "N"}, "y": {0: "B", 2: "M"}}, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    plain = onnxslim.slim(onnx.load(str(path)))
+    seen: list[int] = []
+    original = onnxslim.core.shape_infer
+
+    def spy(model: onnx.ModelProto) -> onnx.ModelProto:
+        seen.append(max((init.ByteSize() for init in model.graph.initializer), default=0))
+        return original(model)
+
+    monkeypatch.setattr(onnxslim.core, "shape_infer", spy)
+    lean = export_onnx_module._simplify(onnx.load(str(path)), "raw.onnx")
+    assert onnxslim.core.shape_infer is spy  # restored
+    assert seen and max(seen) <= 1 << 16  # never the 256 KB weight
+    assert len(lean.graph.node) < 20  # folded: the shape arithmetic is gone
+    assert [n.SerializeToString() for n in lean.graph.node] == [n.SerializeToString() for n in plain.graph.node]
+    assert {v.name: v.SerializeToString() for v in lean.graph.value_info} == {
+        v.name: v.SerializeToString() for v in plain.graph.value_info
+    }
+    assert [o.SerializeToString() for o in lean.graph.output] == [o.SerializeToString() for o in plain.graph.output]
