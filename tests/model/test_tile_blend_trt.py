@@ -42,6 +42,7 @@ from tests.runtime.test_tensorrt_backend import (
     PaperCudart,
     _manifest,
     _view,
+    sized_tensorrt,
 )
 
 H2D, D2H = 1, 2  # FakeCudart's cudaMemcpyKind values
@@ -262,15 +263,7 @@ def trt_tiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tile_graphs: Path
             else:
                 engine = TileEngine(graph, manifest.profiles[0], cudart, tile_graphs / graph.onnx_file)
             engines[graph.value.encode()] = engine
-        runtime = FakeRuntime(engines)
-        trt = SimpleNamespace(
-            Runtime=lambda logger: runtime,
-            Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
-            TensorIOMode=SimpleNamespace(INPUT="INPUT"),
-            ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
-            TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
-        )
-        monkeypatch.setattr(tb, "_import_tensorrt", lambda: trt)
+        monkeypatch.setattr(tb, "_import_tensorrt", lambda: sized_tensorrt(FakeRuntime(engines)))
         sim = SimpleNamespace(cudart=cudart, engines={g: engines[g.value.encode()] for g in manifests})
         return tb.TensorRTBackend(folder), sim
 

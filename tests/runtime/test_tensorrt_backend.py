@@ -558,6 +558,17 @@ def _paper_manifests(classes_max: int = 6, feature_shapes=None, pooling=(1, 1)) 
     return out
 
 
+def sized_tensorrt(runtime: FakeRuntime) -> SimpleNamespace:
+    """The ``tensorrt`` module as the runners of per-call-sized engines use it (allocation strategy, tensor location)."""
+    return SimpleNamespace(
+        Runtime=lambda logger: runtime,
+        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        TensorIOMode=SimpleNamespace(INPUT="INPUT"),
+        ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+        TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
+    )
+
+
 @pytest.fixture
 def paper_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """``make(paper=True, **manifest_kw)`` -> (backend, sim): text + image engines, and the paper engines if asked."""
@@ -586,15 +597,7 @@ def paper_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                 engines[graph.value.encode()] = PaperEngine(graph, manifest.profiles[0], cudart, legacy_memory_api)
             else:
                 engines[graph.value.encode()] = FakeEngine(graph, manifest.profiles[0], cudart)
-        runtime = FakeRuntime(engines)
-        trt = SimpleNamespace(
-            Runtime=lambda logger: runtime,
-            Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
-            TensorIOMode=SimpleNamespace(INPUT="INPUT"),
-            ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="USER_MANAGED"),
-            TensorLocation=SimpleNamespace(HOST="HOST", DEVICE="DEVICE"),
-        )
-        monkeypatch.setattr(tb, "_import_tensorrt", lambda: trt)
+        monkeypatch.setattr(tb, "_import_tensorrt", lambda: sized_tensorrt(FakeRuntime(engines)))
         return tb.TensorRTBackend(tmp_path), SimpleNamespace(cudart=cudart, engines=engines)
 
     return make
