@@ -72,11 +72,6 @@ class TorchWindowBlender:
             self._matrices[side] = torch.from_numpy(interpolation_matrix(side, self.grid.size).copy()).to(self.device)
         return self._matrices[side]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the strip buffers on the device."""
-        return sum(t.numel() * t.element_size() for t in (self._acc, self._wsum, self._valid))
-
     @torch.no_grad()
     def infer(self, views: np.ndarray) -> None:
         """Run the image graph on host views float32 ``[b, 3, S, S]``; logits stay on the device."""

@@ -229,7 +229,7 @@ class _EncoderRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """``{PAPER_IMAGE: uint8 [1, 3, h, w]}`` -> features (float32 on the host)."""
-        image = _paper_image(feeds[PAPER_IMAGE]).to(self.paper.device)
+        image = _paper_images(feeds[PAPER_IMAGE]).to(self.paper.device)
         features = self.paper.encode(image)
         names = PAPER_FEATURES if outputs is None else tuple(outputs)
         return {name: features[name].float().cpu().numpy() for name in names}
@@ -256,19 +256,13 @@ class _HeadRunner:
         return paper_outputs(class_map, probs, text.shape[0], outputs)
 
 
-def _paper_image(image: np.ndarray) -> torch.Tensor:
-    """The encoder's input as a uint8 ``[1, 3, h, w]`` tensor, or a BackendError naming what is wrong."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[:2] != (1, 3) or min(array.shape[2:]) < 1:
-        raise BackendError(f"the paper encoder takes a uint8 image [1, 3, h, w], got {array.dtype} {list(array.shape)}.")
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _paper_images(images: np.ndarray) -> torch.Tensor:
-    """B images of one size as a uint8 ``[B, 3, h, w]`` tensor, or a BackendError naming what is wrong."""
+def _paper_images(images: np.ndarray, *, single: bool = True) -> torch.Tensor:
+    """The encoder's input as a uint8 ``[1, 3, h, w]`` tensor (``[B, 3, h, w]`` unless ``single``), or a BackendError."""
     array = np.asarray(images)
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] < 1 or array.shape[1] != 3 or min(array.shape[2:]) < 1:
-        raise BackendError(f"the batched paper path takes uint8 images [B, 3, h, w], got {array.dtype} {list(array.shape)}.")
+    shown = "[1, 3, h, w]" if single else "[B, 3, h, w]"
+    batch_ok = array.ndim == 4 and (array.shape[0] == 1 if single else array.shape[0] >= 1)
+    if array.dtype != np.uint8 or not batch_ok or array.shape[1] != 3 or min(array.shape[2:]) < 1:
+        raise BackendError(f"the paper encoder takes uint8 images {shown}, got {array.dtype} {list(array.shape)}.")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -403,7 +397,7 @@ class TorchBackend:
             with_probs: also return ``PROBS`` ``[N, H, W]``.
         """
         paper = self.paper
-        features = paper.encode(_paper_image(image).to(self.device))
+        features = paper.encode(_paper_images(image).to(self.device))
         text = torch.from_numpy(np.ascontiguousarray(text_embeds, dtype=np.float32))
         class_map, probs = paper.decode(features, text, (int(out_size[0]), int(out_size[1])))
         return paper_outputs(class_map, probs, text.shape[0], (CLASS_MAP, PROBS) if with_probs else (CLASS_MAP,))
@@ -429,7 +423,7 @@ class TorchBackend:
             B dicts, in the order of ``images``, as ``segment_paper`` returns them.
         """
         paper = self.paper
-        batch = _paper_images(images)
+        batch = _paper_images(images, single=False)
         features = paper.encode(batch.to(self.device))  # 5B views, view major
         text = torch.from_numpy(np.ascontiguousarray(text_embeds, dtype=np.float32))
         class_maps, probs = paper.decode_batch(features, text, (int(out_size[0]), int(out_size[1])))  # [B, H, W], [B, N, H, W]

@@ -130,18 +130,12 @@ class OrtWindowBlender:
         def on_device(array: np.ndarray) -> Any:
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *device)
 
-        self._on_device = on_device
         self._acc = on_device(np.zeros((self.num_classes + 1, strip, grid.width), np.float32))  # [N + 1, R, W]
         self._valid = on_device(np.zeros((strip, grid.width), np.float32))  # [R, W]
         self._weights = on_device(blend_weights(grid.size, grid.overlap))  # [S, S]
         self._text = on_device(np.asarray(text_embeds, dtype=np.float32))  # [N, 512]
         self._all_valid = np.ones((grid.size, grid.size), np.float32)
         self._logits: Any = None  # OrtValue [b, N, 96, 96]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the strip buffers on the device."""
-        return (self.num_classes + 2) * min(self.grid.size, self.grid.height) * self.grid.width * 4
 
     def infer(self, views: np.ndarray) -> None:
         """Run the image graph on views ``[b, 3, S, S]``; its logits stay an OrtValue on the device."""

@@ -673,11 +673,6 @@ class TrtWindowBlender:
         _check(self.cudart.cudaMemcpyAsync(buf.device_ptr, buf.host_ptr, array.nbytes, h2d, self.stream), "cudaMemcpyAsync H2D")
         return buf
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the two strips on the device."""
-        return 2 * 4 * (int(np.prod(self.acc_shape)) + int(np.prod(self.valid_shape)))
-
     def infer(self, views: np.ndarray) -> None:
         """Run the image engine on views ``[b, 3, S, S]``; the logits stay in its device buffer."""
         # the previous batch's blends read this batch's staging slots and the image engine's buffers
@@ -763,6 +758,19 @@ _NP_DTYPES = {
 }
 
 
+def _optional_pair(engine_dir: Path, pair: tuple[Graph, ...], what: str) -> dict[Graph, EngineManifest]:
+    """The manifests of an optional pair of engines (paper, tile): both, or none for a build made before them.
+
+    Raises:
+        EngineBuildError: only one of the two is there.
+    """
+    present = [manifest_path(engine_dir / g.engine_file).is_file() for g in pair]
+    if any(present) and not all(present):
+        missing = next(g.engine_file for g, ok in zip(pair, present) if not ok)
+        raise EngineBuildError(f"{engine_dir} has no {missing} beside the other {what} engine; rebuild the engines.")
+    return {g: read_manifest(engine_dir / g.engine_file) for g in pair} if all(present) else {}
+
+
 PAPER_ENGINES_MISSING = (
     "engines in {folder} were built before the paper protocol graphs (no paper_encoder.engine / paper_head.engine); "
     "re-export the ONNX folder and rebuild with `gsnet export build` to run the protocol on the GPU"
@@ -800,19 +808,10 @@ class TensorRTBackend:
         self.device = device
         self.cuda_graphs = cuda_graphs
         self.manifests = {graph: read_manifest(self.engine_dir / graph.engine_file) for graph in CORE_GRAPHS}
-        paper = [manifest_path(self.engine_dir / g.engine_file).is_file() for g in PAPER_GRAPHS]
-        if any(paper) and not all(paper):
-            missing = next(g.engine_file for g, ok in zip(PAPER_GRAPHS, paper) if not ok)
-            raise EngineBuildError(f"{self.engine_dir} has no {missing} beside the other paper engine; rebuild the engines.")
-        if all(paper):
-            self.manifests.update({g: read_manifest(self.engine_dir / g.engine_file) for g in PAPER_GRAPHS})
+        self.manifests.update(_optional_pair(self.engine_dir, PAPER_GRAPHS, "paper"))
+        if Graph.PAPER_HEAD in self.manifests:
             check_head_takes_encoder(self.manifests[Graph.PAPER_ENCODER], self.manifests[Graph.PAPER_HEAD])
-        tile = [manifest_path(self.engine_dir / g.engine_file).is_file() for g in TILE_GRAPHS]
-        if any(tile) and not all(tile):
-            missing = next(g.engine_file for g, ok in zip(TILE_GRAPHS, tile) if not ok)
-            raise EngineBuildError(f"{self.engine_dir} has no {missing} beside the other tile engine; rebuild the engines.")
-        if all(tile):
-            self.manifests.update({g: read_manifest(self.engine_dir / g.engine_file) for g in TILE_GRAPHS})
+        self.manifests.update(_optional_pair(self.engine_dir, TILE_GRAPHS, "tile"))
         for graph, manifest in self.manifests.items():
             if graph is not Graph.TEXT:
                 check_same_model(self.manifests[Graph.TEXT], manifest)

@@ -115,11 +115,6 @@ def tiled_memory(
     return TiledMemory(host=host_band + reader + views, device=device)
 
 
-def tiled_memory_bytes(width: int, num_classes: int, batch: int, prefetch: int, sample_bytes: int = 8, size: int = WINDOW) -> int:
-    """Upper estimate of the bytes the numpy blending path holds (``tiled_memory(...).total``)."""
-    return tiled_memory(width, num_classes, batch, prefetch, sample_bytes, size).total
-
-
 def plan_batch(
     width: int,
     num_classes: int,

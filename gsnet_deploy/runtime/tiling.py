@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -224,11 +224,6 @@ class WindowBlender(Protocol):
     probabilities never leave the device. Strip coordinates: row 0 is the strip's top image row.
     """
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the strip buffers on the device."""
-        ...
-
     def infer(self, views: np.ndarray) -> None:
         """Run the image graph on views float32 ``[b, 3, S, S]``; the logits stay on the device for ``blend``."""
         ...
@@ -256,7 +251,10 @@ class WindowBlender(Protocol):
         ...
 
 
-class _StripRows:
+BandT = TypeVar("BandT", "FinishedRows", "LabelRows")  # what a strip hands out: probabilities or class maps
+
+
+class _StripRows(Generic[BandT]):
     """Bookkeeping of a strip of ``size`` image rows: which rows are final as windows come row by row.
 
     Subclasses hold the buffers and implement ``_emit_chunk``; windows must be added in the grid's
@@ -272,7 +270,7 @@ class _StripRows:
         self._row = 0  # current window row
         self._done = False
 
-    def _enter_row(self, window: Window) -> list[Any]:
+    def _enter_row(self, window: Window) -> list[BandT]:
         """Check the order, move to the window's row; returns the bands this finishes."""
         if self._done:
             raise RuntimeError("accumulator already finished")
@@ -285,14 +283,14 @@ class _StripRows:
         """The window row the strip is at."""
         return self._row
 
-    def finish(self) -> Iterator[Any]:
+    def finish(self) -> Iterator[BandT]:
         """Emit every remaining row (call once, after the last window); bands come lazily."""
         if self._done:
             return iter(())
         self._done = True
         return self._emit(self.grid.height - self._top)
 
-    def advance(self, row: int) -> Iterator[Any]:
+    def advance(self, row: int) -> Iterator[BandT]:
         """Move to window row ``row``: yield the rows above its start and shift the strip up.
 
         Bands are made one at a time as the caller iterates, so a long run of skipped (nodata)
@@ -304,7 +302,7 @@ class _StripRows:
         new_top = self._row_starts[row]
         return self._emit(new_top - self._top)
 
-    def _emit(self, count: int) -> Iterator[Any]:
+    def _emit(self, count: int) -> Iterator[BandT]:
         """Yield the top ``count`` rows, in bands of at most ``EMIT_ROWS`` rows."""
         chunk = min(self._strip, EMIT_ROWS)
         while count > 0:
@@ -314,12 +312,12 @@ class _StripRows:
             yield band
             count -= n
 
-    def _emit_chunk(self, count: int) -> Any:
+    def _emit_chunk(self, count: int) -> BandT:
         """The top ``count`` strip rows (``count <= strip``), normalized; shifts the strip up by ``count``."""
         raise NotImplementedError
 
 
-class StripAccumulator(_StripRows):
+class StripAccumulator(_StripRows[FinishedRows]):
     """Weighted average of overlapping window probabilities, held one strip of rows at a time, in numpy.
 
     The host reference of the device blenders (``WindowBlender``). Windows must be added in the
@@ -372,14 +370,6 @@ class StripAccumulator(_StripRows):
         self._valid[r : r + h, cols] |= True if valid is None else valid
         return finished
 
-    def finish(self) -> Iterator[FinishedRows]:
-        """Emit every remaining row (call once, after the last window); bands come lazily."""
-        return super().finish()
-
-    def advance(self, row: int) -> Iterator[FinishedRows]:
-        """Move to window row ``row``: yield the rows above its start and shift the strip up (lazily)."""
-        return super().advance(row)
-
     def _emit_chunk(self, count: int) -> FinishedRows:
         """Normalize the top ``count`` strip rows (``count <= strip``) and shift the strip up by ``count``."""
         wsum = self._wsum[:count]
@@ -399,7 +389,7 @@ class StripAccumulator(_StripRows):
         return out
 
 
-class DeviceStrip(_StripRows):
+class DeviceStrip(_StripRows[LabelRows]):
     """The strip bookkeeping of ``StripAccumulator`` driving a device ``WindowBlender``.
 
     ``infer`` a batch of views, then ``add`` its windows in visiting order; finished rows come
@@ -421,14 +411,6 @@ class DeviceStrip(_StripRows):
         finished = self._enter_row(window)
         self.blender.blend(index, window.row_off - self._top, window.col_off, window.height, window.width, valid)
         return finished
-
-    def finish(self) -> Iterator[LabelRows]:
-        """Emit every remaining row (call once, after the last window); bands come lazily."""
-        return super().finish()
-
-    def advance(self, row: int) -> Iterator[LabelRows]:
-        """Move to window row ``row``: yield the rows above its start (lazily)."""
-        return super().advance(row)
 
     def _emit_chunk(self, count: int) -> LabelRows:
         labels, valid, probs = self.blender.emit(count, self.with_probs)

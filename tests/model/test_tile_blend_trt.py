@@ -366,3 +366,21 @@ def test_fp16_logits_or_no_tile_engines_fall_back(trt_tiles) -> None:
     backend, _ = trt_tiles(tiles=False)
     with backend:
         assert backend.tile_blender is None
+
+
+@pytest.mark.parametrize("graph", [Graph.TILE_EMIT, Graph.PAPER_HEAD])
+def test_half_an_engine_pair_is_refused_in_one_line(trt_tiles, graph: Graph) -> None:
+    # catches: a build folder holding one engine of a pair (a copy cut short) opened as if the pair were absent,
+    # or failing later with a KeyError; a folder without either engine of the pair still opens
+    from gsnet_deploy.contracts.engine_manifest import manifest_path
+    from gsnet_deploy.errors import EngineBuildError
+
+    backend, _ = trt_tiles()
+    folder = backend.engine_dir
+    if graph is Graph.PAPER_HEAD:  # the simulation builds no paper engines: add the encoder's manifest alone
+        write_manifest(replace(backend.manifests[Graph.IMAGE], graph=Graph.PAPER_ENCODER,
+                               engine_file=Graph.PAPER_ENCODER.engine_file), folder)  # fmt: skip
+    else:
+        manifest_path(folder / graph.engine_file).unlink()
+    with pytest.raises(EngineBuildError, match=f"no {graph.engine_file} beside the other"):
+        tb.TensorRTBackend(folder)
